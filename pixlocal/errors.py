@@ -1,0 +1,30 @@
+"""Typed errors. Every error a user can cause is a PixlocalError whose str() is one line
+naming the thing (file, URL, model) and what is wrong with it."""
+
+
+class PixlocalError(Exception):
+    """Base class: the CLI prints str(err) as one line and exits 1."""
+
+
+class ModelNotFound(PixlocalError):
+    """A model directory, name or file that does not exist."""
+
+
+class ConfigError(PixlocalError):
+    """params.json / config.json missing, unreadable or lacking required keys."""
+
+
+class FormatError(PixlocalError):
+    """A checkpoint or quantized shard that is truncated, corrupt or of an unknown version."""
+
+
+class ImageError(PixlocalError):
+    """An image that cannot be read, fetched or decoded."""
+
+
+class ContextOverflow(PixlocalError):
+    """Prompt + max_tokens does not fit in the model's context window."""
+
+
+class PromptError(PixlocalError):
+    """Messages that are not of the accepted shape."""
