@@ -1,0 +1,36 @@
+"""Building blocks shared by the vision encoder and the text decoder (pure nn.Modules)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Shapes: L tokens · D model dim · F hidden (MLP) dim
+
+
+class RMSNorm(nn.Module):
+    """Normalise in fp32, cast back, then scale: mistral-inference's order (SPEC §3.3)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    """SiLU-gated MLP: w2(silu(w1 x) * w3 x); w1 gate, w3 up, w2 down; no biases."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, D) -> (L, D)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,86 @@
+"""Model directory -> ready PixtralModel: config, modules on meta, weights, device.
+
+Weights are never all in RAM at once: modules are built on the meta device and each
+parameter is assigned from the memory-mapped checkpoint. When the stored dtype is the
+wanted one the parameter *is* the mapped file (zero-copy, paged in on first use).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import PixtralArgs, read_args
+from .errors import FormatError, ModelNotFound, PixlocalError
+from .model import PixtralModel
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise PixlocalError(f"unknown dtype {dtype!r} (choose from "
+                            f"{', '.join(sorted(DTYPES))})") from None
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    d = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else
+                     "cpu" if str(device) == "auto" else device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise PixlocalError("--device cuda: no CUDA device is available (torch "
+                            f"{torch.__version__} sees none); use --device cpu")
+    if d.type not in ("cpu", "cuda"):
+        raise PixlocalError(f"unsupported device {device!r} (choose cpu, cuda or auto)")
+    return d
+
+
+def resolve_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFound(f"{p}: model directory not found")
+    if not p.is_dir():
+        raise ModelNotFound(f"{p}: not a directory (a model is a directory with params.json "
+                            "or config.json and safetensors weights)")
+    return p
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = "bfloat16") -> tuple[PixtralModel, Checkpoint]:
+    model_dir = resolve_dir(path)
+    dt, dev = parse_dtype(dtype), parse_device(device)
+    args = read_args(model_dir)
+    ckpt = open_checkpoint(model_dir, args)
+    with torch.device("meta"):
+        model = PixtralModel(args)
+    state = {}
+    for name, p in model.state_dict().items():
+        if name not in ckpt:
+            raise FormatError(f"{model_dir}: checkpoint lacks tensor {name!r} that "
+                              f"{_config_name(model_dir)} calls for")
+        shape = ckpt.shape(name)
+        if shape != tuple(p.shape):
+            raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
+                              f"{_config_name(model_dir)} implies {list(p.shape)}")
+        state[name] = ckpt.get(name).to(device=dev, dtype=dt)
+    extra = sorted(set(ckpt.names()) - set(state))
+    if extra:
+        raise FormatError(f"{ckpt.file_of(extra[0])}: unexpected tensor {extra[0]!r} "
+                          f"(params and weights disagree; {len(extra)} unexpected in all)")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.requires_grad_(False)
+    return model.eval(), ckpt
+
+
+def _config_name(model_dir: Path) -> str:
+    return "params.json" if (model_dir / "params.json").is_file() else "config.json"
+
+
+def args_of(path: str | Path) -> PixtralArgs:
+    return read_args(resolve_dir(path))

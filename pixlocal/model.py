@@ -1,0 +1,140 @@
+"""The Pixtral decoder (Mistral-Nemo shaped) with its vision tower (pure nn.Modules).
+
+Module names are the checkpoint's: tok_embeddings, layers.N.{attention_norm,
+attention.wq/wk/wv/wo, ffn_norm, feed_forward.w1/w2/w3}, norm, output, vision_encoder,
+vision_language_adapter. Batch size is 1: a local runner answers one conversation at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PixtralArgs
+from .layers import FeedForward, RMSNorm
+from .rope import apply_rotary_emb, freqs_cis_1d
+from .vision import VisionEncoder, VisionLanguageAdapter
+
+# Shapes: L new tokens · S cached + new tokens · D model dim · H heads · Hkv kv heads
+#         Dh head dim · V vocab · N image patches
+
+
+class KVCache(nn.Module):
+    """Preallocated rotated keys and values of every layer: (n_layers, Hkv, capacity, Dh)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        shape = (n_layers, n_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate to a larger capacity, keeping what is stored."""
+        if capacity <= self.capacity:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
+            new[:, :, : self.capacity] = old
+            setattr(self, name, new)
+        self.capacity = capacity
+
+
+class Attention(nn.Module):
+    def __init__(self, args: PixtralArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, layer: int,
+                cache: KVCache | None, start: int) -> torch.Tensor:
+        L, _ = x.shape
+        q = self.wq(x).view(L, self.n_heads, self.head_dim)  # (L, H, Dh)
+        k = self.wk(x).view(L, self.n_kv_heads, self.head_dim)  # (L, Hkv, Dh)
+        v = self.wv(x).view(L, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H*, L, Dh)
+        if cache is not None:
+            cache.k[layer, :, start : start + L] = k
+            cache.v[layer, :, start : start + L] = v
+            k, v = cache.k[layer, :, : start + L], cache.v[layer, :, : start + L]  # (Hkv, S, Dh)
+        S = k.shape[1]
+        if L == 1:
+            mask, causal = None, False  # one new token sees everything before it
+        elif S == L:
+            mask, causal = None, True
+        else:  # new tokens after a cached prefix: query i sees keys 0 .. S-L+i
+            mask = torch.ones(L, S, dtype=torch.bool, device=x.device).tril(S - L)
+            causal = False
+        o = F.scaled_dot_product_attention(q, k.type_as(q), v.type_as(q), attn_mask=mask,
+                                           is_causal=causal, enable_gqa=True)  # (H, L, Dh)
+        return self.wo(o.transpose(0, 1).reshape(L, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, args: PixtralArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, layer: int,
+                cache: KVCache | None, start: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, layer, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class PixtralModel(nn.Module):
+    def __init__(self, args: PixtralArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        v = args.vision_encoder
+        if v is not None:
+            self.vision_encoder = VisionEncoder(v)
+            self.vision_language_adapter = VisionLanguageAdapter(v.hidden_size, args.dim,
+                                                                 v.adapter_bias)
+
+    def image_features(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images (C, H, W) -> (ΣN, D) rows for the [IMG] positions, in order."""
+        return self.vision_language_adapter(self.vision_encoder(images))
+
+    def embed(self, tokens: torch.Tensor, image_rows: torch.Tensor | None) -> torch.Tensor:
+        """tokens (L,) -> (L, D); the [IMG] positions take image_rows (N, D) in order."""
+        h = self.tok_embeddings(tokens)
+        if image_rows is not None and image_rows.numel():
+            assert self.args.vision_encoder is not None
+            is_img = tokens == self.args.vision_encoder.image_token_id
+            assert int(is_img.sum()) == image_rows.shape[0], (int(is_img.sum()),
+                                                              image_rows.shape)
+            h = h.clone()
+            h[is_img] = image_rows.to(h.dtype)
+        return h
+
+    def forward(self, h: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                logits_from: int = 0) -> torch.Tensor:
+        """h (L, D) embeddings at positions start.. -> logits (L - logits_from, V) fp32.
+
+        logits_from skips the output head for positions whose logits nobody reads (the
+        head is a 131072-row matmul: most of a prefill's waste).
+        """
+        L = h.shape[0]
+        pos = torch.arange(start, start + L, device=h.device)
+        freqs_cis = freqs_cis_1d(pos, self.args.head_dim, self.args.rope_theta)  # (L, Dh/2)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs_cis, i, cache, start)
+        return self.output(self.norm(h[logits_from:])).float()
