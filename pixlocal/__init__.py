@@ -12,8 +12,15 @@ torch is imported on first use of the API, so `import pixlocal` and the CLI's --
 
 from typing import Any
 
-from .errors import (ConfigError, ContextOverflow, FormatError, ImageError, ModelNotFound,
-                     PixlocalError, PromptError)
+from .errors import (
+    ConfigError,
+    ContextOverflow,
+    FormatError,
+    ImageError,
+    ModelNotFound,
+    PixlocalError,
+    PromptError,
+)
 
 __version__ = "0.1.0"
 _LAZY = {"load": "generate", "Pixtral": "generate", "ChatSession": "generate",

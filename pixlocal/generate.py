@@ -158,7 +158,7 @@ class Pixtral:
         """Run the uncached suffix of enc; returns (last logits (V,), tokens computed)."""
         keys = self._keys_of(enc)
         keep = 0
-        for a, b in zip(self._keys, keys):
+        for a, b in zip(self._keys, keys, strict=False):
             if a != b:
                 break
             keep += 1

@@ -85,7 +85,7 @@ class SafetensorsFile:
                                   f"file holds {data_size}: truncated")
             spans.append((lo, hi, name))
         spans.sort()
-        for (_, h1, a), (l2, _, b) in zip(spans, spans[1:]):
+        for (_, h1, a), (l2, _, b) in zip(spans, spans[1:], strict=False):
             if l2 < h1:
                 raise FormatError(f"{self.path}: tensors {a!r} and {b!r} overlap")
         return header
@@ -150,9 +150,20 @@ class StreamingWriter:
         exp_name, dtype, shape = self.specs[self._i]
         assert name == exp_name, (name, exp_name)
         assert t.dtype == dtype and tuple(t.shape) == shape, (name, t.dtype, t.shape, dtype, shape)
-        t = t.detach().contiguous().cpu()
-        if t.numel():
-            self._f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self.write_parts(name, [t])
+
+    def write_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write the next tensor from consecutive row blocks (bounded memory for big ones)."""
+        exp_name, dtype, shape = self.specs[self._i]
+        assert name == exp_name, (name, exp_name)
+        want, n = int(np.prod(shape, dtype=np.int64)) * DTYPES[DTYPE_NAMES[dtype]][1], 0
+        for t in parts:
+            assert t.dtype == dtype, (name, t.dtype, dtype)
+            t = t.detach().contiguous().cpu()
+            if t.numel():
+                self._f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            n += t.numel() * t.element_size()
+        assert n == want, f"{name}: wrote {n} bytes, expected {want}"
         self._i += 1
 
     def close(self) -> None:

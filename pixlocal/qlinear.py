@@ -1,0 +1,75 @@
+"""QLinear: a linear layer whose weight is a pixlocal quantized tensor (see qformat)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .errors import FormatError
+from .qformat import QTensor, QuantSpec, quantize
+
+# Shapes: L tokens · K in-features · M out-features · G group size
+
+
+class QLinear(nn.Module):
+    """y = x @ W.T + b with W stored quantized.
+
+    Buffers are named like the safetensors entries (`qweight`, `scales`, `zeros` for int4,
+    `bias` if any), so a module at `layers.0.attention.wq` has the state-dict keys
+    `layers.0.attention.wq.qweight` … exactly as in the shard. int8 scales may be float16 or
+    bfloat16 (qformat); load with `load_state_dict(..., assign=True)` to keep the file's dtype.
+    `backend` names the qmatmul kernel (kernels.BACKENDS); the loader sets it per device.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
+                 device: torch.device | str | None = None, backend: str = "ref") -> None:
+        super().__init__()
+        K, M, G = in_features, out_features, spec.group_size
+        if K % G:
+            raise FormatError(f"in-features K={K} is not a multiple of the group size {G} "
+                              f"({spec.name})")
+        self.in_features, self.out_features, self.spec, self.backend = K, M, spec, backend
+        int4 = spec.bits == 4
+        self.register_buffer("qweight", torch.zeros(
+            M, K // 2 if int4 else K, dtype=torch.uint8 if int4 else torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(
+            M, K // G, dtype=torch.uint8 if int4 else torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(M, K // G, dtype=torch.uint8, device=device)
+                             if int4 else None)
+        self.register_buffer("bias", torch.zeros(M, device=device) if bias else None)
+
+    def qtensor(self) -> QTensor:
+        """The weight as a QTensor (views of the buffers, no copy)."""
+        return QTensor(self.qweight, self.scales, self.zeros,
+                       (self.out_features, self.in_features), self.spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = kernels.qmatmul(x.reshape(-1, self.in_features), self.qtensor(), self.backend)  # (L, M)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    @classmethod
+    def from_qtensor(cls, q: QTensor, bias: torch.Tensor | None = None,
+                     backend: str = "ref") -> QLinear:
+        M, K = q.shape
+        m = cls(K, M, q.spec, bias=bias is not None, device="meta", backend=backend)
+        m.qweight, m.scales, m.zeros = q.qweight, q.scales, q.zeros
+        m.bias = None if bias is None else bias.detach().clone()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, backend: str = "ref") -> QLinear:
+        """Quantize an nn.Linear's weight with `spec` (keeps its bias in its own dtype)."""
+        return cls.from_qtensor(quantize(linear.weight, spec), linear.bias, backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"quant={self.spec.name}, bias={self.bias is not None}, backend={self.backend}")
