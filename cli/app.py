@@ -40,7 +40,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 
 def main() -> None:
-    from . import ask  # noqa: F401  (registers the command)
+    # each command module registers its commands on `app` when imported; one line per module
+    from . import ask  # noqa: F401
     app()
 
 
