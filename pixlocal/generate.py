@@ -187,6 +187,17 @@ class Pixtral:
         self._keys.append(key)
         return logits
 
+    def prefill(self, enc: Encoded) -> torch.Tensor:
+        """Run the prompt through the model (reusing the cached prefix): its last logits (V,).
+        For benchmarks and custom decoding loops; stream() is the usual entry point."""
+        self._check_context(len(enc.tokens), 0)
+        return self._prefill(enc)[0]
+
+    def decode(self, token: int) -> torch.Tensor:
+        """Append one token at the end of the cached sequence: its logits (V,)."""
+        self._check_context(len(self._keys) + 1, 0)
+        return self._decode_one(token, token)
+
     def stream_encoded(self, enc: Encoded, *, max_tokens: int, temperature: float = 0.0,
                        top_p: float = 1.0, top_k: int = 0, seed: int | None = None
                        ) -> Iterator[Step]:
