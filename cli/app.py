@@ -42,6 +42,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 def main() -> None:
     # each command module registers its commands on `app` when imported; one line per module
     from . import ask  # noqa: F401
+    from . import bench  # noqa: F401
     app()
 
 

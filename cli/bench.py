@@ -1,0 +1,131 @@
+"""`pixlocal bench MODEL`: llama-bench-style load / prefill / decode figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+
+from .app import app, err, user_errors
+
+
+def decode_bytes_per_token(model: Any) -> int:
+    """Bytes of weights one decode step reads: every decoder layer, the final norm and the
+    output head (the vision tower and the embedding table are not touched; one embedding row
+    is negligible)."""
+    seen: set[int] = set()
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith(("vision_encoder.", "vision_language_adapter.", "tok_embeddings.")):
+            continue
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, reps: int,
+              device: str, dtype: str, max_image_size: int | None) -> dict[str, Any]:
+    import torch
+
+    import pixlocal
+    from pixlocal.prompt import Encoded
+
+    t0 = time.perf_counter()
+    m = pixlocal.load(model_dir, device=device, dtype=dtype, max_image_size=max_image_size)
+    load_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()  # first forward: numba JIT (or its cache), torch's lazy init
+    m.prefill(Encoded([1] + [1000 + i for i in range(7)], []))
+    m.decode(1001)
+    warmup_s = time.perf_counter() - t0
+
+    if image:
+        enc = m.encode([{"role": "user", "content": [
+            {"type": "image", "image": image}, {"type": "text", "text": "Describe this."}]}])
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, m.args.vocab_size, (n_prompt - 1,), generator=g).tolist()
+        enc = Encoded([1] + ids, [])
+    prefill_s, decode_s = [], []
+    for _ in range(reps):
+        m.reset()
+        t0 = time.perf_counter()
+        logits = m.prefill(enc)
+        prefill_s.append(time.perf_counter() - t0)
+        tok = int(logits.argmax())
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            tok = int(m.decode(tok).argmax())
+        decode_s.append(time.perf_counter() - t0)
+    m.reset()
+    per_tok = decode_bytes_per_token(m.model)
+    prefill_tps = len(enc.tokens) / _median(prefill_s)
+    decode_tps = n_gen / _median(decode_s) if n_gen else 0.0
+    return {
+        "model": str(model_dir), "device": str(m.device), "dtype": str(m.dtype).split(".")[-1],
+        "threads": torch.get_num_threads(), "n_prompt": len(enc.tokens), "n_gen": n_gen,
+        "images": len(enc.images), "reps": reps,
+        "load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3),
+        "prefill_s": round(_median(prefill_s), 4), "prefill_tps": round(prefill_tps, 2),
+        "decode_tps": round(decode_tps, 3),
+        "decode_bytes_per_token": per_tok,
+        "effective_gbps": round(per_tok * decode_tps / 1e9, 2),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="Model directory or registry name.")],
+    n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", min=2,
+                                          help="Prompt tokens to prefill.")] = 512,
+    n_gen: Annotated[int, typer.Option("-n", "--n-gen", min=0,
+                                       help="Tokens to decode.")] = 128,
+    image: Annotated[str | None, typer.Option(
+        help="Prefill a chat with this image instead of -p random tokens.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    reps: Annotated[int, typer.Option("-r", "--reps", min=1, help="Repetitions.")] = 3,
+    max_image_size: Annotated[int | None, typer.Option(help="Longest image side.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Activation dtype.")] = "bfloat16",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Measure load time, JIT warm-up, prefill and decode speed, bandwidth and peak RSS."""
+    with user_errors():
+        if threads:
+            os.environ["PIXLOCAL_THREADS"] = str(threads)
+            import torch
+            torch.set_num_threads(threads)
+        from pixlocal.loader import resolve_dir
+        model_dir = resolve_dir(model)
+        with err.status("benchmarking …"):
+            r = run_bench(str(model_dir), n_prompt=n_prompt, n_gen=n_gen, image=image,
+                          reps=reps, device=device, dtype=dtype, max_image_size=max_image_size)
+        if as_json:
+            sys.stdout.write(json.dumps(r) + "\n")
+            return
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(box=None)
+        for col in ("test", "tokens", "tok/s", "notes"):
+            t.add_column(col)
+        t.add_row(f"pp{r['n_prompt']}", str(r["n_prompt"]), f"{r['prefill_tps']:.1f}",
+                  f"{r['images']} image(s)" if r["images"] else "")
+        t.add_row(f"tg{n_gen}", str(n_gen), f"{r['decode_tps']:.2f}",
+                  f"{r['effective_gbps']:.1f} GB/s of weights")
+        Console().print(t)
+        err.print(f"[dim]load {r['load_s']:.2f} s · warm-up {r['warmup_s']:.2f} s · "
+                  f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB · {r['threads']} threads · "
+                  f"{r['device']} {r['dtype']}[/dim]")
