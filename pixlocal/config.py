@@ -91,8 +91,8 @@ class PixtralArgs:
         if "text_config" not in d or "vision_config" not in d:
             raise ConfigError(f"{source}: not a Llava/Pixtral config (needs text_config and "
                               "vision_config)")
-        t = {**_HF_TEXT_DEFAULTS, **{k: v for k, v in d["text_config"].items() if v is not None}}
-        v = {**_HF_VISION_DEFAULTS, **{k: v for k, v in d["vision_config"].items() if v is not None}}
+        t = _hf_part(d["text_config"], _HF_TEXT_DEFAULTS)
+        v = _hf_part(d["vision_config"], _HF_VISION_DEFAULTS)
         act = v.get("hidden_act", "silu")
         if act != "silu":
             # transformers' default is "gelu" but Pixtral's vision MLP is SiLU-gated
@@ -166,6 +166,16 @@ class PixtralArgs:
                    n_kv_heads=8, norm_eps=1e-5, vocab_size=131072, rope_theta=1e9,
                    max_seq_len=128_000,
                    vision_encoder=VisionArgs(num_hidden_layers=vision_layers))
+
+
+def _hf_part(part: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """An HF sub-config over its class defaults. transformers >= 5 writes the RoPE base as
+    rope_parameters.rope_theta instead of a top-level rope_theta: accept both."""
+    got = {k: v for k, v in part.items() if v is not None}
+    rp = got.get("rope_parameters")
+    if "rope_theta" not in got and isinstance(rp, dict) and rp.get("rope_theta") is not None:
+        got["rope_theta"] = rp["rope_theta"]
+    return {**defaults, **got}
 
 
 def _checked(a: PixtralArgs, source: str) -> PixtralArgs:
