@@ -43,6 +43,9 @@ def main() -> None:
     # each command module registers its commands on `app` when imported; one line per module
     from . import ask  # noqa: F401
     from . import bench  # noqa: F401
+    from . import caption  # noqa: F401
+    from . import chat  # noqa: F401
+    from . import models  # noqa: F401
     app()
 
 
