@@ -8,14 +8,14 @@ import io
 import json
 import shutil
 
-import pytest
-from cli_fixtures import make_image_folder, tiny_registry  # noqa: F401
-from typer.testing import CliRunner
-
+import cli_fixtures
 from pixlocal.cli import ask, bench, caption, chat, models  # noqa: F401  (register commands)
 from pixlocal.cli.app import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
+tiny_registry = cli_fixtures.tiny_registry  # a fixture
+make_image_folder = cli_fixtures.make_image_folder
 
 
 def run(*args: str, input: str | None = None, env: dict | None = None):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cli_fixtures
 import pytest
-from cli_fixtures import tiny_registry  # noqa: F401
 
 from pixlocal import registry
 from pixlocal.errors import ConfigError, FormatError, ModelNotFound
+
+tiny_registry = cli_fixtures.tiny_registry  # a fixture
 
 
 def test_bundled_registry_lists_pixtral_in_both_formats():
