@@ -49,5 +49,6 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as `python -m pixlocal.cli.app`: use the importable module's
+    from pixlocal.cli.app import main as _main  # app, the one the commands register on
+    sys.exit(_main())
