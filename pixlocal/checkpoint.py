@@ -4,6 +4,10 @@ Formats:
   mistral   consolidated.safetensors or consolidated-*.safetensors (+ params.json, tekken.json)
   hf        model.safetensors or model-*.safetensors + model.safetensors.index.json
             (Llava names; q/k rows permuted for rotate-half RoPE, un-permuted here)
+  pixlocal  quantized.index.json + quantized-NNNNN-of-NNNNN.safetensors (+ params.json,
+            tekken.json), written by `pixlocal quantize`; Mistral names, quantized weights as
+            `{module}.qweight/.scales/.zeros` (pixlocal.qformat). The kind is decided by the
+            `format` in the index's and the shards' metadata, never by a file name alone.
 Files are memory-mapped (pixlocal.shards); nothing is read until a tensor is asked for.
 """
 
@@ -17,7 +21,15 @@ import torch
 
 from .config import PixtralArgs
 from .errors import FormatError, ModelNotFound
+from .qformat import FORMAT_NAME, QTensor, read_metadata
 from .shards import SafetensorsFile
+
+QUANT_INDEX = "quantized.index.json"
+
+
+def quant_shard_name(i: int, n: int) -> str:
+    """File name of shard i (0-based) of n in a pixlocal quantized dir."""
+    return f"quantized-{i + 1:05d}-of-{n:05d}.safetensors"
 
 # HF (Llava + Pixtral) name fragments <-> Mistral name fragments, within each part
 _TEXT_PAIRS = [
@@ -140,6 +152,24 @@ class Checkpoint:
         heads = rope_heads(name, self.args) if self.kind == "hf" else None
         return permute_from_hf(t, heads) if heads else t
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's mapped pages from this process (see SafetensorsFile.release)."""
+        f, key = self._where[name]
+        f.release(key)
+
+    def quantized(self) -> list[str]:
+        """Module names whose weight is stored quantized (`{module}.qweight` present)."""
+        return [n[: -len(".qweight")] for n in self._where if n.endswith(".qweight")]
+
+    def qtensor(self, module: str) -> QTensor:
+        """The quantized weight of `module`, zero-copy views of the mapped shard."""
+        parts = {f"{module}.{p}": self.get(f"{module}.{p}")
+                 for p in ("qweight", "scales", "zeros") if f"{module}.{p}" in self}
+        try:
+            return QTensor.from_tensors(module, parts)
+        except FormatError as e:
+            raise FormatError(f"{self.file_of(module + '.qweight')}: {e}") from None
+
 
 def _index_files(model_dir: Path, index: Path) -> list[Path]:
     try:
@@ -154,18 +184,62 @@ def _index_files(model_dir: Path, index: Path) -> list[Path]:
     return [model_dir / n for n in names]
 
 
+def read_quant_index(model_dir: Path) -> dict:
+    """The index of a quantized dir, checked: metadata (format, format_version), every shard
+    present with the size the index records. Checksums are `pixlocal verify`'s job."""
+    index = model_dir / QUANT_INDEX
+    try:
+        d = json.loads(index.read_text())
+        md, shards, weight_map = d["metadata"], d["shards"], d["weight_map"]
+        sizes = {str(k): int(v["size"]) for k, v in shards.items()}
+        if not isinstance(weight_map, dict) or not isinstance(md, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            ValueError, AttributeError):
+        raise FormatError(f"{index}: unreadable quantized index (expected JSON with metadata, "
+                          "shards and weight_map); re-run `pixlocal quantize`") from None
+    read_metadata(md, str(index))
+    unknown = sorted(set(weight_map.values()) - set(sizes))
+    if unknown:
+        raise FormatError(f"{index}: weight_map names shard {unknown[0]} that is not in its "
+                          "shard list")
+    for name, size in sorted(sizes.items()):
+        p = model_dir / name
+        if "/" in name or not p.is_file():
+            raise FormatError(f"{p}: missing shard listed in {QUANT_INDEX}; re-download or "
+                              "re-quantize the model")
+        got = p.stat().st_size
+        if got != size:
+            raise FormatError(f"{p}: {got} bytes but {QUANT_INDEX} says {size}: "
+                              f"{'truncated' if got < size else 'corrupt'}; re-quantize")
+    return d
+
+
+def _open_quantized(model_dir: Path, args: PixtralArgs) -> Checkpoint:
+    d = read_quant_index(model_dir)
+    files = [SafetensorsFile(model_dir / n) for n in sorted(d["shards"])]
+    for f in files:
+        read_metadata(f.metadata, str(f.path))
+    return Checkpoint("pixlocal", files, args)
+
+
 def open_checkpoint(model_dir: Path, args: PixtralArgs) -> Checkpoint:
     """Find the weights in a model directory and open them lazily."""
     if not model_dir.is_dir():
         raise ModelNotFound(f"{model_dir}: model directory not found")
+    if (model_dir / QUANT_INDEX).is_file():
+        return _open_quantized(model_dir, args)
     mistral = sorted(model_dir.glob("consolidated*.safetensors"))
-    if mistral:
-        return Checkpoint("mistral", [SafetensorsFile(p) for p in mistral], args)
     index = model_dir / "model.safetensors.index.json"
-    hf = _index_files(model_dir, index) if index.is_file() else sorted(
+    hf = [] if mistral else _index_files(model_dir, index) if index.is_file() else sorted(
         model_dir.glob("model*.safetensors"))
-    if hf:
-        return Checkpoint("hf", [SafetensorsFile(p) for p in hf], args)
+    files = [SafetensorsFile(p) for p in mistral or hf or sorted(model_dir.glob("*.safetensors"))]
+    for f in files:  # facts come from metadata: a pixlocal shard whatever its name
+        if f.metadata.get("format") == FORMAT_NAME:
+            raise FormatError(f"{f.path}: a pixlocal quantized shard, but {model_dir} lacks "
+                              f"its {QUANT_INDEX}: incomplete copy; re-quantize")
+    if mistral or hf:
+        return Checkpoint("mistral" if mistral else "hf", files, args)
     raise FormatError(f"{model_dir}: no weights (expected consolidated.safetensors or "
                       "model-*.safetensors)")
 
@@ -175,7 +249,7 @@ def tokenizer_path(model_dir: Path, kind: str) -> Path:
     p = model_dir / "tekken.json"
     if p.is_file():
         return p
-    if kind == "mistral":
+    if kind != "hf":
         raise FormatError(f"{model_dir}: missing tekken.json (the tokenizer)")
     import mistral_common
     return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"

@@ -3,6 +3,12 @@
 Weights are never all in RAM at once: modules are built on the meta device and each
 parameter is assigned from the memory-mapped checkpoint. When the stored dtype is the
 wanted one the parameter *is* the mapped file (zero-copy, paged in on first use).
+
+A pixlocal quantized dir (checkpoint.py) loads the same way: every nn.Linear whose
+`{name}.qweight` is stored becomes a QLinear and an nn.Embedding a QEmbedding, their buffers
+the mapped shard tensors themselves (zero-copy on CPU). Opening checks the index, the
+metadata (format_version) and each shard's presence and size; it does not hash 7 GB of shards
+on every load: `pixlocal verify DIR` checks the sha256 checksums.
 """
 
 from __future__ import annotations
@@ -11,10 +17,15 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
+from . import kernels
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import PixtralArgs, read_args
 from .errors import FormatError, ModelNotFound, PixlocalError
 from .model import PixtralModel
+from .qembedding import QEmbedding
+from .qlinear import QLinear
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -51,6 +62,42 @@ def resolve_dir(path: str | Path) -> Path:
     return p
 
 
+def default_backend(device: torch.device) -> str:
+    """The qmatmul backend for `device`: kernels.default_backend if the kernels provide one."""
+    pick = getattr(kernels, "default_backend", None)
+    return pick(device) if pick is not None else "ref"
+
+
+def _swap_quantized(model: PixtralModel, ckpt: Checkpoint, dev: torch.device, dt: torch.dtype,
+                    model_dir: Path) -> set[str]:
+    """Replace the modules stored quantized; returns the checkpoint names they consumed."""
+    modules = dict(model.named_modules())
+    backend, used = default_backend(dev), set()
+    for name in ckpt.quantized():
+        mod = modules.get(name)
+        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+            raise FormatError(f"{ckpt.file_of(name + '.qweight')}: quantized tensor "
+                              f"{name + '.qweight'!r} matches no linear or embedding layer of "
+                              f"the model {_config_name(model_dir)} describes")
+        q = ckpt.qtensor(name)
+        want = tuple(mod.weight.shape)
+        if q.shape != want:
+            raise FormatError(f"{ckpt.file_of(name + '.qweight')}: quantized {name!r} is "
+                              f"{list(q.shape)}, {_config_name(model_dir)} implies {list(want)}")
+        q.qweight, q.scales = q.qweight.to(dev), q.scales.to(dev)
+        q.zeros = None if q.zeros is None else q.zeros.to(dev)
+        used |= {f"{name}.{p}" for p in ("qweight", "scales", "zeros")}
+        if isinstance(mod, nn.Embedding):
+            new: nn.Module = QEmbedding(q, dtype=dt)
+        else:
+            bias = ckpt.get(f"{name}.bias").to(dev, dt) if mod.bias is not None else None
+            new = QLinear.from_qtensor(q, bias=bias, backend=backend)
+            used.add(f"{name}.bias")
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, new)
+    return used
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "bfloat16") -> tuple[PixtralModel, Checkpoint]:
     model_dir = resolve_dir(path)
@@ -59,8 +106,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     ckpt = open_checkpoint(model_dir, args)
     with torch.device("meta"):
         model = PixtralModel(args)
+    used = _swap_quantized(model, ckpt, dev, dt, model_dir) if ckpt.kind == "pixlocal" else set()
     state = {}
     for name, p in model.state_dict().items():
+        if name in used:
+            continue
         if name not in ckpt:
             raise FormatError(f"{model_dir}: checkpoint lacks tensor {name!r} that "
                               f"{_config_name(model_dir)} calls for")
@@ -69,11 +119,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
                               f"{_config_name(model_dir)} implies {list(p.shape)}")
         state[name] = ckpt.get(name).to(device=dev, dtype=dt)
-    extra = sorted(set(ckpt.names()) - set(state))
+    extra = sorted(set(ckpt.names()) - set(state) - used)
     if extra:
         raise FormatError(f"{ckpt.file_of(extra[0])}: unexpected tensor {extra[0]!r} "
                           f"(params and weights disagree; {len(extra)} unexpected in all)")
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(state, assign=True, strict=False)
+    missing = [k for k in model.state_dict() if k not in state and k not in used]
+    assert not missing, missing  # every key was either loaded or swapped in above
     model.requires_grad_(False)
     return model.eval(), ckpt
 

@@ -114,6 +114,14 @@ class SafetensorsFile:
             flat = torch.frombuffer(buf, dtype=torch.uint8)
         return flat.view(t).reshape(e["shape"])
 
+    def release(self, name: str) -> None:
+        """Unmap the pages of tensor `name` from this process (they stay in the OS page cache
+        and load again on the next touch): keeps a streaming pass's RSS bounded."""
+        lo, hi = self.entries[name]["data_offsets"]
+        if self._mmap is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+            start = (self._base + lo) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, self._base + hi - start)
+
 
 def _header_bytes(specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
                   metadata: dict[str, str] | None) -> tuple[bytes, int]:
