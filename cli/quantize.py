@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from .app import app, err, user_errors
@@ -18,6 +17,14 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} GB"
+
+
+def _choice(*allowed: int):
+    def check(value: int | None) -> int | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, allowed))}")
+        return value
+    return check
 
 
 def _progress_bar(label: str):
@@ -35,14 +42,14 @@ def _progress_bar(label: str):
 
 @app.command()
 def quantize(
-    src: Annotated[Path, typer.Argument(help="Model dir: Mistral (consolidated.safetensors) or "
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="Model dir: Mistral (consolidated.safetensors) or "
                                         "Hugging Face format.")],
-    out: Annotated[Path, typer.Argument(help="New directory for the quantized model.")],
-    bits: Annotated[int, typer.Option(help="Decoder linears: 4 (~7 GB for 12B) or 8 (~13 GB).",
-                                      click_type=click.Choice(["4", "8"]))] = 4,
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="New directory for the quantized model.")],
+    bits: Annotated[int, typer.Option(
+        help="Decoder linears: 4 (~7 GB for 12B) or 8 (~13 GB).", callback=_choice(4, 8))] = 4,
     group_size: Annotated[int | None, typer.Option(
         help="Weights per scale: 32, 64 or 128 (default 32).",
-        click_type=click.Choice(["32", "64", "128"]))] = None,
+        callback=_choice(32, 64, 128))] = None,
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", metavar="PATTERN=VALUE",
         help="Per-tensor override, repeatable: VALUE is bf16, float32, float16, keep, int4[-gN] "
@@ -59,7 +66,7 @@ def quantize(
         with _progress_bar("quantizing") as bar:
             task = bar.add_task("quantize", total=None)
             rep = quantize_checkpoint(
-                src, out, bits=int(bits), group_size=int(group_size) if group_size else None,
+                src, out, bits=bits, group_size=group_size,
                 overrides=tuple(overrides or ()), shard_bytes=shard_mb * 1_000_000,
                 progress=lambda done, total: bar.update(task, completed=done, total=total))
         table = Table(title=f"{rep.out}  ({rep.scheme} default)", title_justify="left")
