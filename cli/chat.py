@@ -30,6 +30,7 @@ HELP = """commands:
   /image PATH...  attach images to your next message (paths, URLs or data URIs)
   /reset          forget the conversation (and the pending images)
   /save FILE      write the conversation as JSON
+  /set KEY VALUE  change max_tokens, temperature, top_p, top_k or seed
   /stats          images encoded, context used
   /help           this text
   /quit           leave (or Ctrl-D); Ctrl-C stops an answer"""
@@ -147,6 +148,8 @@ class Repl:
             else:
                 Path(args[0]).expanduser().write_text(json.dumps(self.saved(), indent=2) + "\n")
                 err.print(f"[dim]saved {len(self.turns)} turn(s) to {args[0]}[/dim]")
+        elif name == "/set":
+            self.set(args)
         elif name == "/stats":
             s = self.saved()["stats"]
             err.print(f"images encoded: {s['images_encoded']} · turns: {len(self.turns)} · "
@@ -154,6 +157,24 @@ class Repl:
         else:
             err.print(f"[red]error:[/red] unknown command {name} (try /help)")
         return True
+
+    def set(self, args: list[str]) -> None:
+        kinds = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int,
+                 "seed": int}
+        if len(args) != 2 or args[0] not in kinds:
+            err.print(f"[red]error:[/red] usage: /set KEY VALUE (KEY: {', '.join(kinds)})")
+            return
+        try:
+            value = kinds[args[0]](args[1])
+        except ValueError:
+            err.print(f"[red]error:[/red] {args[0]} needs a number, got {args[1]!r}")
+            return
+        if value < 0 or (args[0] == "max_tokens" and value < 1) or \
+                (args[0] == "top_p" and value > 1):
+            err.print(f"[red]error:[/red] {args[0]} {args[1]} is out of range")
+            return
+        self.gen[args[0]] = value
+        err.print(f"[dim]{args[0]} = {value}[/dim]")
 
     def saved(self) -> dict[str, Any]:
         msgs: list[dict[str, Any]] = ([{"role": "system", "content": self.system}]
