@@ -182,9 +182,19 @@ def pull(
             except ImportError as e:
                 raise PixlocalError(f"cannot quantize: the quantizer is unavailable ({e})"
                                     ) from None
-            with err.status(f"quantizing to {want} → {target.path} …"):
-                quantize_checkpoint(src, target.path, bits=int(want[3:]))
-            err.print(f"[green]quantized[/green] {target.path} ({human(dir_size(target.path))})")
+            if is_downloaded(target.path):
+                err.print(f"[dim]{target.path} is already there; `pixlocal rm "
+                          f"{spec.name}:{target.name}` to redo it[/dim]")
+            else:
+                from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+                with Progress(f"quantizing to {want}", BarColumn(), DownloadColumn(),
+                              TimeRemainingColumn(), console=err) as bar:
+                    task = bar.add_task("quantize", total=None)
+                    quantize_checkpoint(src, target.path, bits=int(want[3:]),
+                                        progress=lambda done, total: bar.update(
+                                            task, completed=done, total=total))
+                err.print(f"[green]quantized[/green] {target.path} "
+                          f"({human(dir_size(target.path))})")
             out = target.path
         sys.stdout.write(f"{out}\n")
 
@@ -263,7 +273,8 @@ def info(
             f"decoder    {dec['layers']} layers, dim {dec['dim']}, {dec['heads']} heads "
             f"({dec['kv_heads']} kv) × {dec['head_dim']}, ffn {dec['hidden_dim']}, "
             f"vocab {dec['vocab']:,}, context {dec['max_context']:,}",
-            (f"vision     {vis['layers']} layer{'s' if vis['layers'] != 1 else ''}, dim {vis['dim']}, {vis['heads']} heads, "
+            (f"vision     {vis['layers']} layer{'s' if vis['layers'] != 1 else ''}, "
+             f"dim {vis['dim']}, {vis['heads']} heads, "
              f"patch {vis['patch']}, images up to {vis['max_image']} px") if vis else
             "vision     none (text only)",
             f"quant      {d['quant'] or 'none (loads as bfloat16)'}",
