@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from .app import app, err, user_errors
@@ -104,8 +105,40 @@ def _hub_error(e: BaseException, repo: str, filename: str, token: str | None) ->
                          "pull when online; finished files are kept and partial ones resume")
 
 
+class _Bar:
+    """The part of tqdm's interface huggingface_hub's downloader uses, drawn by rich on
+    stderr (huggingface_hub's own bars hide themselves when stderr is not a terminal)."""
+    progress: Progress | None = None
+
+    def __init__(self, *, total: int | None = None, initial: int = 0, desc: str = "",
+                 **_: Any):
+        assert self.progress is not None
+        self.task = self.progress.add_task(desc or "download", total=total, completed=initial)
+
+    def update(self, n: int = 1) -> None:
+        assert self.progress is not None
+        self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _download(repo: str, patterns: tuple[str, ...], dest: Path, token: str | None) -> None:
     import huggingface_hub
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
     dest.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
     for pat in patterns:
@@ -122,13 +155,17 @@ def _download(repo: str, patterns: tuple[str, ...], dest: Path, token: str | Non
         names += sorted(n for n in listed if fnmatch.fnmatch(n, pat))
     for i, name in enumerate(names, 1):
         err.print(f"[dim]{repo}: {name} ({i}/{len(names)})[/dim]")
-        try:
-            huggingface_hub.hf_hub_download(repo, name, local_dir=dest, token=token)
-        except Exception as e:  # every hub or network failure becomes one line
-            from pixlocal.errors import PixlocalError
-            if isinstance(e, PixlocalError):
-                raise
-            raise _hub_error(e, repo, name, token) from e
+        with Progress(TextColumn("  {task.description}"), BarColumn(), TaskProgressColumn(),
+                      DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                      console=err) as _Bar.progress:
+            try:
+                huggingface_hub.hf_hub_download(repo, name, local_dir=dest, token=token,
+                                                tqdm_class=_Bar)  # type: ignore[arg-type]
+            except Exception as e:  # every hub or network failure becomes one line
+                from pixlocal.errors import PixlocalError
+                if isinstance(e, PixlocalError):
+                    raise
+                raise _hub_error(e, repo, name, token) from e
 
 
 def _quant_target(spec: ModelSpec, quant: str) -> Variant:
@@ -186,7 +223,7 @@ def pull(
                 err.print(f"[dim]{target.path} is already there; `pixlocal rm "
                           f"{spec.name}:{target.name}` to redo it[/dim]")
             else:
-                from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+                from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
                 with Progress(f"quantizing to {want}", BarColumn(), DownloadColumn(),
                               TimeRemainingColumn(), console=err) as bar:
                     task = bar.add_task("quantize", total=None)
