@@ -129,8 +129,31 @@ class _Bar:
         self.close()
 
 
+def _check_reachable(repo: str) -> None:
+    """Fail at once, not after huggingface_hub's ~30 s of retries, when the hub cannot even be
+    connected to (no network, DNS failure, refused). Skipped behind a proxy."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    from pixlocal.errors import PixlocalError
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
+        return
+    u = urlsplit(constants.ENDPOINT)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname or "", port), timeout=10).close()
+    except OSError as e:
+        why = "host not found" if isinstance(e, socket.gaierror) else (e.strerror or str(e))
+        raise PixlocalError(f"cannot reach {constants.ENDPOINT} for {repo} ({why}; offline?): "
+                            "rerun the pull when online; partial downloads resume") from None
+
+
 def _download(repo: str, patterns: tuple[str, ...], dest: Path, token: str | None) -> None:
     import huggingface_hub
+    _check_reachable(repo)
     from rich.progress import (
         BarColumn,
         DownloadColumn,
