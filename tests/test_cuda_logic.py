@@ -1,0 +1,170 @@
+"""The CUDA backend's logic on CPU (the ops' CPU twins), and its real kernels when CUDA is here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pixlocal.kernels import cuda, ref
+from pixlocal.qformat import QuantSpec, dequantize, quantize, unpack_int4
+
+# bf16 activations (8 significant bits) and bf16 zero points: relative error of a dot
+# product of a few hundred terms stays ~1e-3; 1e-2 of the output's max leaves 5x headroom and
+# still catches a wrong nibble or scale (those give errors of order 1).
+BF16_REL = 1e-2
+
+
+def _q(M: int, K: int, bits: int, G: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize(torch.randn(M, K, generator=g), QuantSpec(bits, G))
+
+
+def _rel(y: torch.Tensor, r: torch.Tensor) -> float:
+    return float((y - r).abs().max() / r.abs().max())
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_scale_zero_pairs_reproduce_our_weights_exactly(G):
+    q = _q(24, 256, 4, G)
+    sz = cuda.scale_zero_pairs(q)  # (K/G, M, 2) float32
+    assert sz.shape == (256 // G, 24, 2)
+    v = unpack_int4(q.qweight, G).float().view(24, 256 // G, G)
+    w = (v - 8) * sz.transpose(0, 1)[..., :1] + sz.transpose(0, 1)[..., 1:]
+    assert torch.equal(w.view(24, 256), dequantize(q))
+    # the bf16 pair costs at most s/64 per weight (module docstring)
+    w16 = cuda.dequantize_rows(cuda.prepare(_q(32, 256, 4, G)), 0, 32, torch.float32)
+    q2 = _q(32, 256, 4, G)
+    s = cuda.scale_zero_pairs(q2)[..., 0].T.repeat_interleave(G, 1)  # (M, K)
+    assert bool(((w16 - dequantize(q2)).abs() <= s / 64 + 1e-12).all())
+
+
+def test_cuda_packer_input_nibble_order():
+    vals = torch.randint(0, 16, (8, 64), dtype=torch.int32)
+    b = cuda.tinygemm_nibbles(vals)
+    assert b.dtype == torch.uint8 and b.shape == (8, 32)
+    assert torch.equal((b >> 4).int(), vals[:, 0::2]) and torch.equal((b & 15).int(), vals[:, 1::2])
+
+
+def test_int32_nibbles_order():
+    w = torch.tensor([[0x76543210, 0x0FEDCBA9]], dtype=torch.int32)
+    assert cuda.int32_nibbles(w).tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 0]]
+
+
+def _fake_packer(secret: torch.Tensor, ikt: int):
+    """A stand-in for the CUDA packer with tinygemm's block structure and an arbitrary
+    in-block permutation `secret` (stored nibble j = tile value secret[j])."""
+    def pack(values: torch.Tensor) -> torch.Tensor:
+        M, K = values.shape
+        C = 16 * ikt
+        tiles = values.view(M // 8, 8, K // C, C).transpose(1, 2).reshape(M // 8, K // C, -1)
+        nib = tiles[..., secret].view(M // 8, K // C, -1, 8).to(torch.int64)
+        words = (nib << torch.arange(0, 32, 4)).sum(-1)  # 8 nibbles → one 32-bit word
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        return words.view(M // 8, K // C, 32, ikt // 2)
+    return pack
+
+
+@pytest.mark.parametrize("ikt", [2, 4, 8])
+def test_block_permutation_is_learnt_and_inverted(ikt):
+    g = torch.Generator().manual_seed(ikt)
+    secret = torch.randperm(8 * 16 * ikt, generator=g)
+    pack = _fake_packer(secret, ikt)
+    perm = cuda.learn_block_perm(pack, ikt, "cpu")
+    assert torch.equal(perm, secret)
+    M, K, G = 32, 16 * ikt * 3, 32
+    q = _q(M, K, 4, G)
+    vals = unpack_int4(q.qweight, G).to(torch.int32)
+    p = cuda.TinyGemmQTensor(pack(vals), cuda.scale_zero_pairs(q).bfloat16(), None, q.shape,
+                             q.spec, ikt, perm)
+    assert torch.equal(cuda.packed_values(p, 8, 24).int(), vals[8:24])
+    assert torch.equal(cuda.packed_values(p, 0, M).int(), vals)
+
+
+def test_learn_block_perm_rejects_a_packer_that_loses_values():
+    bad = _fake_packer(torch.zeros(8 * 16 * 2, dtype=torch.int64), 2)
+    with pytest.raises(AssertionError, match="block permutation"):
+        cuda.learn_block_perm(bad, 2, "cpu")
+
+
+def test_kernel_choice():
+    assert cuda.inner_k_tiles(5120) == 8 and cuda.inner_k_tiles(14336) == 8
+    assert cuda.inner_k_tiles(96) == 2 and cuda.inner_k_tiles(48) is None
+    ampere, turing = (8, 6), (7, 5)
+    assert cuda.kernel_for(4, (5120, 14336), 1, ampere) == "tinygemm-int4"
+    assert cuda.kernel_for(4, (5120, 14336), 16, ampere) == "tinygemm-int4"
+    assert cuda.kernel_for(4, (5120, 14336), 17, ampere) == "dequant-gemm-bfloat16"
+    assert cuda.kernel_for(4, (5120, 14336), 1, turing) == "dequant-gemm-float16"
+    assert cuda.kernel_for(8, (5120, 14336), 1, ampere) == "dequant-gemm-bfloat16"
+    assert cuda.kernel_for(4, (5124, 14336), 1, ampere) == "dequant-gemm-bfloat16"
+    assert cuda.kernel_for(4, (8, 256), 1, ampere) == "tinygemm-int4"
+    assert cuda.kernel_for(4, (8, 256), 1, None) == "dequant-gemm-float32"  # CPU twin: 16 rows
+
+
+@pytest.mark.parametrize("M,K,G", [(64, 256, 32), (48, 128, 128), (32, 384, 64), (16, 96, 32)])
+@pytest.mark.parametrize("L", [1, 5, 40])
+def test_prepared_int4_matches_reference_on_cpu_twins(M, K, G, L):
+    q = _q(M, K, 4, G, seed=M + K)
+    p = cuda.prepare(q)
+    assert isinstance(p, cuda.TinyGemmQTensor) and p.zeros is None
+    assert p.scales.dtype == torch.bfloat16 and p.scales.shape == (K // G, M, 2)
+    x = torch.randn(L, K, generator=torch.Generator().manual_seed(L))
+    y = cuda.qmatmul(x, p)
+    assert y.shape == (L, M) and y.dtype == torch.float32
+    assert _rel(y, ref.qmatmul(x, q)) < BF16_REL
+
+
+def test_decode_and_prefill_paths_agree():
+    q = _q(64, 512, 4, 32)
+    p = cuda.prepare(q)
+    x = torch.randn(cuda.TINYGEMM_MAX_TOKENS + 4, 512)
+    full = cuda.qmatmul(x, p)  # dequantize-tile path
+    rows = torch.cat([cuda.qmatmul(x[i:i + 1], p) for i in range(x.shape[0])])  # tinygemm
+    assert _rel(rows, full) < BF16_REL
+
+
+@pytest.mark.parametrize("bits,G", [(8, 32), (8, 128), (4, 64)])
+def test_unprepared_weights_take_the_dequantize_path_exactly(bits, G, monkeypatch):
+    monkeypatch.setattr(cuda, "TILE_ELEMS", 8 * 256)  # several tiles, a ragged last one
+    q = _q(44, 256, bits, G)
+    assert cuda.prepare(q) is q or bits == 4
+    x = torch.randn(7, 256)
+    torch.testing.assert_close(cuda.qmatmul(x, q), ref.qmatmul(x, q), rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_leaves_unsupported_weights_alone():
+    for q in (_q(20, 96, 4, 32), _q(32, 256, 8, 32)):  # 20 rows: no 16-row tiles; int8
+        assert cuda.prepare(q) is q
+    p = cuda.prepare(_q(32, 256, 4, 32))
+    assert cuda.prepare(p) is p
+
+
+# ---- real kernels ----------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("L", [1, 4, 64])
+def test_cuda_int4_matches_reference(G, L):
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tinygemm needs compute capability >= 8.0")
+    q = _q(256, 1024, 4, G)
+    dq = type(q)(q.qweight.cuda(), q.scales.cuda(), q.zeros.cuda(), q.shape, q.spec)
+    p = cuda.prepare(dq)
+    assert isinstance(p, cuda.TinyGemmQTensor) and p.perm is not None
+    assert torch.equal(cuda.packed_values(p, 0, 256).cpu().int(),
+                       unpack_int4(q.qweight, G).int())
+    x = torch.randn(L, 1024)
+    y = cuda.qmatmul(x.cuda(), p).cpu()
+    assert _rel(y, ref.qmatmul(x, q)) < BF16_REL
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_int8_matches_reference():
+    q = _q(256, 1024, 8, 32)
+    dq = type(q)(q.qweight.cuda(), q.scales.cuda(), None, q.shape, q.spec)
+    x = torch.randn(3, 1024)
+    assert _rel(cuda.qmatmul(x.cuda(), dq).cpu(), ref.qmatmul(x, q)) < BF16_REL
