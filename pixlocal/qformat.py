@@ -333,14 +333,18 @@ def _quantize(weight: torch.Tensor, spec: QuantSpec, search: bool,
     return QTensor(qweight, scales, zeros, (M, K), spec)
 
 
-def quantize(weight: torch.Tensor, spec: QuantSpec) -> QTensor:
+def quantize(weight: torch.Tensor, spec: QuantSpec,
+             int8_scales: torch.dtype | None = None) -> QTensor:
     """Quantize an (M, K) float weight (any float dtype, any device; work is done on CPU in
     float32, chunk by chunk of rows). Uses the error-minimising search if `spec.search`.
+    `int8_scales=torch.bfloat16` forces bfloat16 int8 scales (a caller quantizing one tensor
+    in several row blocks needs one dtype for all of them); the default picks float16 unless
+    a scale leaves its normal range.
 
     Raises FormatError if K % G != 0, if the weight has NaN/inf, or if its values leave the
     scheme's scale range.
     """
-    return _quantize(weight, spec, spec.search)
+    return _quantize(weight, spec, spec.search, int8_scales or torch.float16)
 
 
 def quantize_ref(weight: torch.Tensor, spec: QuantSpec) -> QTensor:

@@ -45,7 +45,10 @@ from .recipe import Recipe, Target, describe, kind_of
 SHARD_BYTES = 2_000_000_000
 _CHUNK_WEIGHTS = 1 << 24  # weights read, quantized and written at once (32 MB of bf16)
 _SLOW_ENV = "PIXLOCAL_QUANTIZE_SLOW"  # test hook: seconds to sleep after each tensor
-_F16_SAFE = (2.0**-14 * 256, 65504.0 * 64)  # int8 group absmax range whose scales fit fp16
+# int8 scales are ~absmax/127 (the search picks among absmax/(124..127), refit): a group
+# absmax in this range surely gives a scale inside fp16's normal range [2^-14, 65504]
+_F16_SAFE = (2.0**-14 * 136, 65504.0 * 118)
+_SAMPLE_ROWS = 64  # rows of every block (of ~16M weights) whose error goes into the report
 Progress = Callable[[int, int], None]  # (input bytes done, input bytes in all)
 
 
@@ -57,8 +60,8 @@ class TensorReport:
     numel: int
     bytes_in: int
     bytes_out: int
-    sq_err: float = 0.0  # Σ (w - ŵ)², float64, over every element
-    sq_norm: float = 0.0  # Σ w²
+    sq_err: float = 0.0  # Σ (w - ŵ)² over the first _SAMPLE_ROWS rows of every block
+    sq_norm: float = 0.0  # Σ w² over the same rows
 
 
 @dataclass
@@ -107,8 +110,7 @@ class _Item:
     shape: tuple[int, ...]
     src_dtype: torch.dtype
     target: Target
-    whole: QTensor | None = None  # int8 quantized up front (scales' dtype decided by data)
-    scale_dtype: torch.dtype = torch.float16
+    scale_dtype: torch.dtype = torch.float16  # int8 only: decided by _prepare_int8
 
     def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         t = self.target
@@ -150,25 +152,24 @@ def _sq(a: torch.Tensor, b: torch.Tensor | None = None) -> float:
 
 
 def _prepare_int8(ckpt: Checkpoint, item: _Item) -> None:
-    """Fix an int8 weight's scale dtype before its shard's header is written: fp16 when every
-    group's absmax is far inside fp16's range (checked block by block), else quantize the
-    whole tensor now and take the dtype qformat.quantize chose."""
+    """Fix an int8 weight's scale dtype before its shard's header is written: float16 when
+    every nonzero group absmax lies in _F16_SAFE, else bfloat16 for the whole tensor (the
+    choice qformat.quantize makes for one tensor in one piece, up to that thin margin)."""
     spec = item.target
     assert isinstance(spec, QuantSpec)
     lo, hi = float("inf"), 0.0
-    for _, block in _rows(ckpt, item):
-        amax = block.float().abs().view(block.shape[0], -1, spec.group_size).amax(-1)
-        nz = amax[amax > 0]
-        if nz.numel():
-            lo, hi = min(lo, nz.min().item()), max(hi, nz.max().item())
-    if not (_F16_SAFE[0] <= lo and hi <= _F16_SAFE[1]) and hi > 0:
-        item.whole = quantize(ckpt.get(item.name), spec)
-        item.scale_dtype = item.whole.scales.dtype
-        ckpt.release(item.name)
+    for _, b in _rows(ckpt, item):
+        g = b.reshape(b.shape[0], -1, spec.group_size)  # (R, N, G)
+        amax = torch.maximum(g.amax(-1), g.amin(-1).neg_()).float()  # (R, N)
+        hi = max(hi, amax.max().item())
+        lo = min(lo, amax.masked_fill_(amax == 0, float("inf")).min().item())
+    fits = hi == 0 or (_F16_SAFE[0] <= lo and hi <= _F16_SAFE[1])
+    item.scale_dtype = torch.float16 if fits else torch.bfloat16
 
 
 def _write_item(w: StreamingWriter, ckpt: Checkpoint, item: _Item, rep: TensorReport,
                 tick: Callable[[int], None]) -> None:
+    """Stream one tensor into the shard; the error of a sample of rows goes into `rep`."""
     t = item.target
     if not isinstance(t, QuantSpec):
         dt = item.src_dtype if t is None else t
@@ -177,38 +178,35 @@ def _write_item(w: StreamingWriter, ckpt: Checkpoint, item: _Item, rep: TensorRe
             for _, b in _rows(ckpt, item):
                 out = b.to(dt)
                 if dt != item.src_dtype:
-                    rep.sq_err += _sq(out, b)
-                rep.sq_norm += _sq(b)
+                    rep.sq_err += _sq(out[:_SAMPLE_ROWS], b[:_SAMPLE_ROWS])
+                    rep.sq_norm += _sq(b[:_SAMPLE_ROWS])
                 yield out
                 tick(b.numel() * b.element_size())
         w.write_parts(item.name, cast())
         return
     side: dict[str, list[torch.Tensor]] = {"scales": [], "zeros": []}
-    whole = item.whole
+    want = item.entries()[1][1]
 
     def qweights() -> Iterator[torch.Tensor]:
-        for r0, b in _rows(ckpt, item):
-            if whole is None:
-                q = quantize(b, t)
-            else:
-                r1 = r0 + b.shape[0]
-                q = QTensor(whole.qweight[r0:r1], whole.scales[r0:r1], None if whole.zeros
-                            is None else whole.zeros[r0:r1], (r1 - r0, b.shape[1]), t)
-            if q.scales.dtype != item.entries()[1][1]:  # _prepare_int8's bound guarantees it
-                raise FormatError(f"{item.name}: int8 scales came out {q.scales.dtype}, "
-                                  "the shard header says float16 (a quantizer bug)")
+        for _, b in _rows(ckpt, item):
+            q = quantize(b, t, int8_scales=item.scale_dtype)
+            if q.scales.dtype != want:  # _prepare_int8's margin makes this impossible
+                raise FormatError(f"{item.name}: int8 scales came out {q.scales.dtype}, the "
+                                  f"shard header says {want} (a quantizer bug)")
             side["scales"].append(q.scales)
             if q.zeros is not None:
                 side["zeros"].append(q.zeros)
-            rep.sq_err += _sq(dequantize(q), b)
-            rep.sq_norm += _sq(b)
+            k = min(_SAMPLE_ROWS, b.shape[0])
+            sample = QTensor(q.qweight[:k], q.scales[:k], None if q.zeros is None else
+                             q.zeros[:k], (k, b.shape[1]), t)
+            rep.sq_err += _sq(dequantize(sample), b[:k])
+            rep.sq_norm += _sq(b[:k])
             yield q.qweight
             tick(b.numel() * b.element_size())
     entries = item.entries()
     w.write_parts(entries[0][0], qweights())
     for name, _, _ in entries[1:]:
         w.write_parts(name, side[name.rsplit(".", 1)[1]])
-    item.whole = None
 
 
 def _plan_shards(items: list[_Item], shard_bytes: int) -> list[list[_Item]]:

@@ -133,12 +133,10 @@ def _quantizable(name: str, shape: tuple[int, ...]) -> bool:
 
 
 def describe(target: Target, src_dtype: torch.dtype) -> str:
-    """A short label: 'int4-g32', 'bfloat16', 'float32 (kept)'."""
+    """A short label of what a tensor became: 'int4-g32', 'bfloat16', 'float32'."""
     if isinstance(target, QuantSpec):
         return target.name
-    if target is None:
-        return f"{str(src_dtype).removeprefix('torch.')} (kept)"
-    return str(target).removeprefix("torch.")
+    return str(src_dtype if target is None else target).removeprefix("torch.")
 
 
 def kind_of(name: str) -> str:
