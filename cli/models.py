@@ -109,11 +109,11 @@ class _Bar:
     """The part of tqdm's interface huggingface_hub's downloader uses, drawn by rich on
     stderr (huggingface_hub's own bars hide themselves when stderr is not a terminal)."""
     progress: Progress | None = None
+    label = ""  # the file name (huggingface_hub's desc is a truncated URL)
 
-    def __init__(self, *, total: int | None = None, initial: int = 0, desc: str = "",
-                 **_: Any):
+    def __init__(self, *, total: int | None = None, initial: int = 0, **_: Any):
         assert self.progress is not None
-        self.task = self.progress.add_task(desc or "download", total=total, completed=initial)
+        self.task = self.progress.add_task(self.label, total=total, completed=initial)
 
     def update(self, n: int = 1) -> None:
         assert self.progress is not None
@@ -178,6 +178,7 @@ def _download(repo: str, patterns: tuple[str, ...], dest: Path, token: str | Non
         names += sorted(n for n in listed if fnmatch.fnmatch(n, pat))
     for i, name in enumerate(names, 1):
         err.print(f"[dim]{repo}: {name} ({i}/{len(names)})[/dim]")
+        _Bar.label = name
         with Progress(TextColumn("  {task.description}"), BarColumn(), TaskProgressColumn(),
                       DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                       console=err) as _Bar.progress:
