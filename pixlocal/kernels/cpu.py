@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
-from ..qformat import QTensor, decode_scales
+from ..qformat import QTensor
 
 # Shapes: L tokens · K in-features · M out-features · G group size · N = K // G groups · H = G/2
 
@@ -45,9 +45,6 @@ TILE_BYTES = 4 << 20  # dequantized tile size for prefill
 
 _FEATURES = llvm.get_host_cpu_features()
 SIMD = 64 if _FEATURES.get("avx512bw") else 32 if _FEATURES.get("avx2") else 0  # vector bytes
-_E5M3 = decode_scales(torch.arange(256)).numpy()  # int4 scale code -> float32
-_HALF = {torch.float16: np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32),
-         torch.bfloat16: (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)}
 
 
 def physical_cores() -> int:
@@ -101,7 +98,7 @@ def _fn(builder: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Type) -> ir.Fu
     return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
 
 
-def _vptr(context, builder, aryty, ary, offset, vty):  # type: ignore[no-untyped-def]
+def _vptr(context, builder, aryty, ary, offset, vty):
     """Pointer to a vector at element `offset` of a C-contiguous array."""
     data = context.make_array(aryty)(context, builder, ary).data
     return builder.bitcast(builder.gep(data, [offset]), vty.as_pointer())
@@ -112,20 +109,20 @@ def _hsum(builder: ir.IRBuilder, acc: ir.Value, n: int) -> ir.Value:
     return builder.call(red, [ir.Constant(_F32, 0.0), acc])
 
 
-def _loop(builder: ir.IRBuilder, count: ir.Value, body) -> None:  # type: ignore[no-untyped-def]
+def _loop(builder: ir.IRBuilder, count: ir.Value, body) -> None:
     from numba.core import cgutils
     with cgutils.for_range(builder, count) as loop:
         body(loop.index)
 
 
 @intrinsic
-def _q4dot(typingctx, qw, qoff, lo, hi, f, nchunks, g):  # type: ignore[no-untyped-def]
+def _q4dot(typingctx, qw, qoff, lo, hi, f, nchunks, g):
     """sum over chunks c < nchunks of SIMD bytes of the int4 row at qw[qoff:]:
     f[group] * (i32 dot of the nibbles with lo/hi), float32. g: the group size (lanes map
     to groups by 8 * lane // g)."""
     sig = types.float32(qw, qoff, lo, hi, f, nchunks, g)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         W = SIMD
         if W == 0:
             return ir.Constant(_F32, 0.0)
@@ -140,7 +137,7 @@ def _q4dot(typingctx, qw, qoff, lo, hi, f, nchunks, g):  # type: ignore[no-untyp
         four = ir.Constant(_vt(W, _I8), [4] * W)
         t = signature.args
 
-        def body(c):  # type: ignore[no-untyped-def]
+        def body(c):
             off = builder.mul(c, ir.Constant(c.type, W))
             v = builder.load(_vptr(context, builder, t[0], qw_, builder.add(qoff_, off),
                                    _vt(W, _I8)), align=1)
@@ -168,11 +165,11 @@ def _q4dot(typingctx, qw, qoff, lo, hi, f, nchunks, g):  # type: ignore[no-untyp
 
 
 @intrinsic
-def _q8dot(typingctx, qw, qoff, a16, f, ngroups, g):  # type: ignore[no-untyped-def]
+def _q8dot(typingctx, qw, qoff, a16, f, ngroups, g):
     """sum over groups j < ngroups of f[j] * (i32 dot of int8 row qw[qoff:] with int16 a16)."""
     sig = types.float32(qw, qoff, a16, f, ngroups, g)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         W = SIMD
         if W == 0:
             return ir.Constant(_F32, 0.0)
@@ -184,11 +181,11 @@ def _q8dot(typingctx, qw, qoff, a16, f, ngroups, g):  # type: ignore[no-untyped-
         mwd = _fn(builder, _MADDWD[W], _vt(nl, _I32), _vt(nw, _I16), _vt(nw, _I16))
         t = signature.args
 
-        def group(j):  # type: ignore[no-untyped-def]
+        def group(j):
             builder.store(ir.Constant(_vt(nl, _I32), None), isum)
             base = builder.mul(j, g_)
 
-            def chunk(c):  # type: ignore[no-untyped-def]
+            def chunk(c):
                 off = builder.add(base, builder.mul(c, ir.Constant(c.type, nw)))
                 w = builder.load(_vptr(context, builder, t[0], qw_, builder.add(qoff_, off),
                                        _vt(nw, _I8)), align=1)
@@ -212,35 +209,99 @@ def _q8dot(typingctx, qw, qoff, a16, f, ngroups, g):  # type: ignore[no-untyped-
 
 
 @intrinsic
-def _f32bits(typingctx, v):  # type: ignore[no-untyped-def]
-    """The bit pattern of a float32 as uint32."""
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], _I32)
-    return types.uint32(types.float32), codegen
+def _bits2f(typingctx, v):
+    """A uint32 bit pattern as float32 (vectorizes, unlike a table lookup)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _F32)
+    return types.float32(types.uint32), codegen
 
 
-def _put(out, r, k, v):  # type: ignore[no-untyped-def]
-    """out[r, k] = v: float32 as is, uint16 as bfloat16 bits (round to nearest even)."""
+@intrinsic
+def _half2f(typingctx, v):
+    """A uint16 float16 bit pattern as float32 (vcvtph2ps when vectorized)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+    return types.float32(types.uint16), codegen
 
 
-@overload(_put)
-def _put_impl(out, r, k, v):  # type: ignore[no-untyped-def]
-    if out.dtype == types.uint16:
-        def bf16(out, r, k, v):  # type: ignore[no-untyped-def]
-            u = _f32bits(np.float32(v))
-            out[r, k] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-                                  >> np.uint32(16))
-        return bf16
+@njit(inline="always")
+def _scale4(code):
+    """e5m3 code → float32 (qformat.decode_scales)."""
+    return _bits2f((np.uint32(code) + np.uint32(808)) << np.uint32(20))
 
-    def f32(out, r, k, v):  # type: ignore[no-untyped-def]
-        out[r, k] = v
-    return f32
+
+@njit(inline="always")
+def _scale8(bits, bf16):
+    """int8 scale bits (float16, or bfloat16 if bf16) → float32."""
+    return _bits2f(np.uint32(bits) << np.uint32(16)) if bf16 else _half2f(bits)
+
+
+@intrinsic
+def _deqrow(typingctx, qw, qoff, s, z, ngroups, g, out, ooff):
+    """Dequantize one row: groups j < ngroups of qw from element qoff (int4 bytes or int8),
+    with float32 scales s[j] and (int4) zero codes z[j], into out from ooff, 16 weights per
+    vector; out float32, or uint16 holding bfloat16 (round to nearest even)."""
+    sig = types.void(qw, qoff, s, z, ngroups, g, out, ooff)
+    int4, bf = qw.dtype == types.uint8, out.dtype == types.uint16
+
+    def codegen(context, builder, signature, args):
+        qw_, qoff_, s_, z_, n_, g_, out_, ooff_ = args
+        t = signature.args
+        v16, f16 = _vt(16, _I8), _vt(16, _F32)
+        per = builder.sdiv(g_, ir.Constant(g_.type, 32 if int4 else 16))  # vectors per group
+
+        def splat(x):
+            v = builder.insert_element(ir.Constant(f16, None), x, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(v, v, ir.Constant(_vt(16, _I32), [0] * 16))
+
+        def store(vals, off):
+            if bf:
+                u = builder.bitcast(vals, _vt(16, _I32))
+                c16 = ir.Constant(_vt(16, _I32), [16] * 16)
+                odd = builder.and_(builder.lshr(u, c16), ir.Constant(_vt(16, _I32), [1] * 16))
+                u = builder.add(u, builder.add(odd, ir.Constant(_vt(16, _I32), [0x7FFF] * 16)))
+                vals = builder.trunc(builder.lshr(u, c16), _vt(16, _I16))
+            builder.store(vals, _vptr(context, builder, t[6], out_, builder.add(ooff_, off),
+                                      vals.type), align=2)
+
+        def group(j):
+            arr = context.make_array(t[2])(context, builder, s_).data
+            sc = splat(builder.load(builder.gep(arr, [j])))
+            if int4:
+                zarr = context.make_array(t[3])(context, builder, z_).data
+                zf = builder.uitofp(builder.load(builder.gep(zarr, [j])), _F32)
+                mn = splat(builder.fmul(builder.fmul(zf, ir.Constant(_F32, -1 / 16)),
+                                        builder.extract_element(sc, ir.Constant(_I32, 0))))
+            base = builder.mul(j, g_)
+
+            def chunk(c):
+                c16 = builder.mul(c, ir.Constant(c.type, 16))
+                boff = builder.add(builder.sdiv(base, ir.Constant(c.type, 2 if int4 else 1)),
+                                   c16)
+                v = builder.load(_vptr(context, builder, t[0], qw_, builder.add(qoff_, boff),
+                                       v16), align=1)
+                if not int4:
+                    store(builder.fmul(builder.sitofp(v, f16), sc), builder.add(base, c16))
+                    return
+                half = builder.sdiv(g_, ir.Constant(g_.type, 2))
+                for k, nib in enumerate((builder.and_(v, ir.Constant(v16, [15] * 16)),
+                                         builder.lshr(v, ir.Constant(v16, [4] * 16)))):
+                    w = builder.fadd(builder.fmul(builder.uitofp(nib, f16), sc), mn)
+                    store(w, builder.add(builder.add(base, c16), half if k else
+                                         ir.Constant(c.type, 0)))
+
+            _loop(builder, per, chunk)
+
+        _loop(builder, n_, group)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # ---- numba kernels -------------------------------------------------------------------------
 
 @njit(cache=True)
-def _quantize_rows(x, G, a, d, asum):  # type: ignore[no-untyped-def]
+def _quantize_rows(x, G, a, d, asum):
     """x (L, K) float32 → a (L, K) int8 = round(x / d), d (L, N) = absmax / 127, asum (L, N)."""
     L, K = x.shape
     for t in range(L):
@@ -259,7 +320,7 @@ def _quantize_rows(x, G, a, d, asum):  # type: ignore[no-untyped-def]
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def _gemv4(qw, sc, zc, lut, lo, hi, a, d, asum, out):  # type: ignore[no-untyped-def]
+def _gemv4(qw, sc, zc, lo, hi, a, d, asum, out):
     M, K2 = qw.shape
     N = sc.shape[1]
     H = K2 // N
@@ -274,7 +335,7 @@ def _gemv4(qw, sc, zc, lut, lo, hi, a, d, asum, out):  # type: ignore[no-untyped
             for t in range(L):
                 zt = np.float32(0.0)
                 for g in range(N):
-                    fg = lut[sc[m, g]] * d[t, g]
+                    fg = _scale4(sc[m, g]) * d[t, g]
                     f[g] = fg
                     zt += fg * np.float32(zc[m, g]) * np.float32(asum[t, g])
                 acc = _q4dot(qw, m * K2, lo[t], hi[t], f, nch, G)
@@ -288,7 +349,7 @@ def _gemv4(qw, sc, zc, lut, lo, hi, a, d, asum, out):  # type: ignore[no-untyped
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def _gemv8(qw, sc, lut, a16, a, d, out):  # type: ignore[no-untyped-def]
+def _gemv8(qw, sc, bf16, a16, a, d, out):
     M, K = qw.shape
     N = sc.shape[1]
     G = K // N
@@ -299,7 +360,7 @@ def _gemv8(qw, sc, lut, a16, a, d, out):  # type: ignore[no-untyped-def]
         for m in range(b * ROW_BLOCK, min(M, (b + 1) * ROW_BLOCK)):
             for t in range(L):
                 for g in range(N):
-                    f[g] = lut[sc[m, g]] * d[t, g]
+                    f[g] = _scale8(sc[m, g], bf16) * d[t, g]
                 acc = _q8dot(qw, m * K, a16[t], f, ngr, G)
                 for g in range(ngr, N):
                     s = 0
@@ -309,33 +370,17 @@ def _gemv8(qw, sc, lut, a16, a, d, out):  # type: ignore[no-untyped-def]
                 out[t, m] = acc
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def _dequant4(qw, sc, zc, lut, r0, out):  # type: ignore[no-untyped-def]
+@njit(parallel=True, cache=True)
+def _dequant(qw, sc, zc, int4, bf16, r0, out):
+    """Rows r0.. of an int4 (zc: zero codes) or int8 (zc unused) weight → out (R, K)."""
     R, K = out.shape
     N = sc.shape[1]
-    H = K // N // 2
     for r in prange(R):
         m = r0 + r
+        s = np.empty(N, np.float32)
         for g in range(N):
-            s = lut[sc[m, g]]
-            mn = -s * np.float32(zc[m, g]) * np.float32(1.0 / 16.0)  # exact: see qformat
-            for j in range(H):
-                byte = qw[m, g * H + j]
-                _put(out, r, 2 * g * H + j, s * np.float32(byte & 15) + mn)
-                _put(out, r, 2 * g * H + H + j, s * np.float32(byte >> 4) + mn)
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _dequant8(qw, sc, lut, r0, out):  # type: ignore[no-untyped-def]
-    R, K = out.shape
-    N = sc.shape[1]
-    G = K // N
-    for r in prange(R):
-        m = r0 + r
-        for g in range(N):
-            s = lut[sc[m, g]]
-            for j in range(g * G, g * G + G):
-                _put(out, r, j, s * np.float32(qw[m, j]))
+            s[g] = _scale4(sc[m, g]) if int4 else _scale8(sc[m, g], bf16)
+        _deqrow(qw, m * qw.shape[1], s, zc[m], N, K // N, out, r * K)
 
 
 # ---- Python API (twins in ref.py) ----------------------------------------------------------
@@ -349,7 +394,7 @@ class CpuQ:
     qweight: np.ndarray  # int4: uint8 (M, K // 2) · int8: int8 (M, K)
     scales: np.ndarray  # int4: uint8 e5m3 codes · int8: uint16 bits of fp16/bf16; (M, N)
     zeros: np.ndarray | None  # int4: uint8 (M, N) · int8: None
-    lut: np.ndarray  # float32 (256,) or (65536,)
+    bf16: bool  # int8 scales are bfloat16 (else float16)
     shape: tuple[int, int]
     spec: object  # QuantSpec
 
@@ -372,8 +417,8 @@ def prepare(q: QTensor | CpuQ) -> CpuQ:
         return q
     if q.zeros is None:
         sc = _np(q.scales.view(torch.int16)).view(np.uint16)
-        return CpuQ(_np(q.qweight), sc, None, _HALF[q.scales.dtype], q.shape, q.spec)
-    return CpuQ(_np(q.qweight), _np(q.scales), _np(q.zeros), _E5M3, q.shape, q.spec)
+        return CpuQ(_np(q.qweight), sc, None, q.scales.dtype == torch.bfloat16, q.shape, q.spec)
+    return CpuQ(_np(q.qweight), _np(q.scales), _np(q.zeros), False, q.shape, q.spec)
 
 
 def quantize_activation(x: torch.Tensor, group_size: int
@@ -392,7 +437,7 @@ def quantize_activation(x: torch.Tensor, group_size: int
 def gemv(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
     """x (L, K) @ W.T → (L, M) float32 with x quantized per group to int8 first (decode)."""
     pq = prepare(q)
-    (M, K), G = pq.shape, pq.spec.group_size  # type: ignore[attr-defined]
+    (M, K), G = pq.shape, pq.spec.group_size
     a_t, d_t, s_t = quantize_activation(x, G)
     a, d, asum = a_t.numpy(), d_t.numpy(), s_t.numpy()
     out = np.empty((a.shape[0], M), np.float32)
@@ -400,17 +445,15 @@ def gemv(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
         halves = a.reshape(a.shape[0], K // G, 2, G // 2)
         lo = np.ascontiguousarray(halves[:, :, 0]).reshape(-1, K // 2)
         hi = np.ascontiguousarray(halves[:, :, 1]).reshape(-1, K // 2)
-        _gemv4(pq.qweight, pq.scales, pq.zeros, pq.lut, lo, hi, a, d, asum, out)
+        _gemv4(pq.qweight, pq.scales, pq.zeros, lo, hi, a, d, asum, out)
     else:
-        _gemv8(pq.qweight, pq.scales, pq.lut, a.astype(np.int16), a, d, out)
+        _gemv8(pq.qweight, pq.scales, pq.bf16, a.astype(np.int16), a, d, out)
     return torch.from_numpy(out)
 
 
 def _dequant_into(pq: CpuQ, r0: int, out: np.ndarray) -> None:
-    if pq.zeros is not None:
-        _dequant4(pq.qweight, pq.scales, pq.zeros, pq.lut, r0, out)
-    else:
-        _dequant8(pq.qweight, pq.scales, pq.lut, r0, out)
+    int4 = pq.zeros is not None
+    _dequant(pq.qweight, pq.scales, pq.zeros if int4 else pq.scales, int4, pq.bf16, r0, out)
 
 
 def dequantize_rows(q: QTensor | CpuQ, r0: int, r1: int,

@@ -1,0 +1,246 @@
+"""Kernel benchmark for the cpu backend (not run by CI).
+
+    python bench/kernels.py [--json OUT.json] [--threads N] [--repeats 9] [--quick]
+
+For each Nemo shape (M x K) and scheme it measures, interleaved in one process with the same
+thread count:
+  * ours:  pixlocal.kernels.cpu.gemv, one token (decode) → ms, GB/s of weight bytes streamed;
+  * torch: aten._weight_int4pack_mm_for_cpu (int4, after _convert_weight_to_int4pack_for_cpu,
+           group scales+zeros in bf16) / aten._weight_int8pack_mm (int8, per-row scales);
+  * bw:    the machine's read bandwidth, a numba parallel sum over a 2 GiB array (best of 5);
+  * prefill (L=512): our tiles-then-GEMM path vs a plain bf16 torch matmul, GFLOP/s.
+Each timed call uses the next of several copies of the weight (>= --pool-mb in all), so the
+weight comes from DRAM, not from cache, as in a real decode step. Medians over repeats.
+--startup also times the first-run JIT compile (empty numba cache) and the cached start-up of
+kernels/cpu.py in fresh processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numba
+import numpy as np
+import torch
+
+from pixlocal.kernels import cpu
+from pixlocal.qformat import QTensor, QuantSpec
+
+SHAPES = [(14336, 5120), (5120, 14336), (4096, 5120), (131072, 5120)]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _psum(a):  # type: ignore[no-untyped-def]
+    nt = 256
+    chunk = (a.size + nt - 1) // nt
+    out = np.zeros(nt, np.float32)
+    for t in numba.prange(nt):
+        s = np.float32(0.0)
+        for i in range(t * chunk, min(a.size, (t + 1) * chunk)):
+            s += a[i]
+        out[t] = s
+    return out.sum()
+
+
+def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
+    """GB/s of a parallel float32 sum over a `gib` GiB array: best of `repeats`."""
+    a = np.ones(int(gib * 2**30) // 4, np.float32)
+    _psum(a)
+    best = min(_timed(lambda: _psum(a)) for _ in range(repeats))
+    return a.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def random_qtensor(M: int, K: int, spec: QuantSpec, g: torch.Generator) -> QTensor:
+    """Valid random codes (the kernels' speed does not depend on the values)."""
+    N = K // spec.group_size
+    if spec.bits == 4:
+        return QTensor(torch.randint(0, 256, (M, K // 2), dtype=torch.uint8, generator=g),
+                       torch.randint(80, 110, (M, N), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 256, (M, N), dtype=torch.uint8, generator=g),
+                       (M, K), spec)
+    return QTensor(torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g),
+                   (torch.rand(M, N, generator=g) * 0.01 + 1e-3).half(), None, (M, K), spec)
+
+
+def torch_weights(M: int, K: int, spec: QuantSpec, g: torch.Generator):  # type: ignore[no-untyped-def]
+    """(callable(x), bytes) for torch's own kernel on an (M, K) weight of the same bits."""
+    G = spec.group_size
+    if spec.bits == 4:
+        codes = torch.randint(0, 16, (M, K), dtype=torch.int32, generator=g)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+        del codes
+        sz = (torch.rand(K // G, M, 2, generator=g) * 0.01).bfloat16()
+        return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G, sz),
+                packed.nbytes + sz.nbytes)
+    w = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g)
+    s = (torch.rand(M, generator=g) * 0.01).bfloat16()
+    return (lambda x: torch.ops.aten._weight_int8pack_mm(x, w, s), w.nbytes + s.nbytes)
+
+
+def bench_decode(M: int, K: int, spec: QuantSpec, repeats: int, pool: int) -> dict:
+    g = torch.Generator().manual_seed(M + K + spec.bits)
+    first = cpu.prepare(random_qtensor(M, K, spec, g))
+    copies = max(1, math.ceil(pool / first.nbytes))
+    ours = [first] + [cpu.prepare(random_qtensor(M, K, spec, g)) for _ in range(copies - 1)]
+    theirs = [torch_weights(M, K, spec, g) for _ in range(max(1, math.ceil(pool / first.nbytes)))]
+    x = torch.randn(1, K, generator=g).bfloat16()
+    cpu.gemv(x, ours[0])
+    theirs[0][0](x)
+    t_ours, t_torch = [], []
+    for r in range(repeats * copies):  # interleaved: ours, torch, ours, ...
+        t_ours.append(_timed(lambda: cpu.gemv(x, ours[r % len(ours)])))
+        t_torch.append(_timed(lambda: theirs[r % len(theirs)][0](x)))
+    mo, mt = statistics.median(t_ours), statistics.median(t_torch)
+    return {"shape": [M, K], "scheme": spec.name, "copies": copies,
+            "ours_ms": mo * 1e3, "ours_gbps": first.nbytes / mo / 1e9, "ours_bytes": first.nbytes,
+            "torch_ms": mt * 1e3, "torch_gbps": theirs[0][1] / mt / 1e9,
+            "torch_bytes": theirs[0][1], "speedup_vs_torch": mt / mo}
+
+
+def bench_prefill(M: int, K: int, spec: QuantSpec, L: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(7)
+    pq = cpu.prepare(random_qtensor(M, K, spec, g))
+    w = torch.randn(M, K, generator=g).bfloat16()
+    x = torch.randn(L, K, generator=g).bfloat16()
+    cpu.prefill(x, pq)
+    _ = x @ w.T
+    t_ours, t_mm = [], []
+    for _ in range(repeats):
+        t_ours.append(_timed(lambda: cpu.prefill(x, pq)))
+        t_mm.append(_timed(lambda: x @ w.T))
+    flop = 2 * L * M * K
+    mo, mm = statistics.median(t_ours), statistics.median(t_mm)
+    return {"shape": [M, K], "scheme": spec.name, "L": L, "ours_ms": mo * 1e3,
+            "ours_gflops": flop / mo / 1e9, "bf16_matmul_ms": mm * 1e3,
+            "bf16_matmul_gflops": flop / mm / 1e9, "ratio": mm / mo}
+
+
+def crossover(M: int, K: int, spec: QuantSpec, repeats: int) -> list[dict]:
+    """gemv (L tokens per weight pass) vs prefill (tiles + GEMM) for small L."""
+    g = torch.Generator().manual_seed(9)
+    pq = cpu.prepare(random_qtensor(M, K, spec, g))
+    rows = []
+    for L in (1, 2, 4, 8, 12, 16, 32):
+        x = torch.randn(L, K, generator=g).bfloat16()
+        cpu.gemv(x, pq)
+        cpu.prefill(x, pq)
+        tg = statistics.median(_timed(lambda: cpu.gemv(x, pq)) for _ in range(repeats))
+        tp = statistics.median(_timed(lambda: cpu.prefill(x, pq)) for _ in range(repeats))
+        rows.append({"L": L, "gemv_ms": tg * 1e3, "prefill_ms": tp * 1e3})
+    return rows
+
+
+_STARTUP = """
+import time; t0 = time.perf_counter()
+import torch
+from pixlocal.kernels import cpu
+from pixlocal.qformat import QTensor, QuantSpec, quantize
+t1 = time.perf_counter()
+for bits in (4, 8):
+    q = quantize(torch.randn(64, 256), QuantSpec(bits, 32))
+    cpu.gemv(torch.randn(1, 256), q); cpu.prefill(torch.randn(9, 256), q)
+    cpu.prefill(torch.randn(9, 256).bfloat16(), q)
+print(time.perf_counter() - t1, t1 - t0)
+"""
+
+
+def startup() -> dict:
+    """Seconds to import and run every kernel once: empty numba cache, then warm cache."""
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, NUMBA_CACHE_DIR=d)
+        out = {}
+        for key in ("first_run_jit_s", "cached_startup_s"):
+            res = subprocess.run([sys.executable, "-c", _STARTUP], env=env, check=True,
+                                 capture_output=True, text=True).stdout.split()
+            out[key], out[key.replace("_s", "_import_s")] = float(res[0]), float(res[1])
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write the results as JSON to this file ('-' = stdout)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--pool-mb", type=int, default=512, help="weight copies per shape, in MB")
+    ap.add_argument("--schemes", default="int4-g32,int8-g32")
+    ap.add_argument("--prefill-L", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="first shape only, no prefill sweep")
+    ap.add_argument("--startup", action="store_true", help="also time JIT compile/start-up")
+    args = ap.parse_args()
+    threads = cpu.set_threads(args.threads)
+    specs = [QuantSpec.parse(s) for s in args.schemes.split(",")]
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    res: dict = {"machine": platform.processor() or platform.machine(), "threads": threads,
+                 "simd_bytes": cpu.SIMD, "torch": torch.__version__,
+                 "numba": numba.__version__, "decode": [], "prefill": []}
+    bw_before = read_bandwidth()
+    for spec in specs:
+        for M, K in shapes:
+            res["decode"].append(bench_decode(M, K, spec, args.repeats, args.pool_mb << 20))
+            _row(res["decode"][-1])
+    res["read_bandwidth_gbps"] = max(bw_before, read_bandwidth())
+    for r in res["decode"]:
+        r["fraction_of_bandwidth"] = r["ours_gbps"] / res["read_bandwidth_gbps"]
+    for spec in specs:
+        for M, K in shapes[:3]:
+            res["prefill"].append(bench_prefill(M, K, spec, args.prefill_L, 3))
+    if not args.quick:
+        res["crossover"] = crossover(14336, 5120, specs[0], 5)
+    if args.startup:
+        res["startup"] = startup()
+    _report(res)
+    if args.json:
+        text = json.dumps(res, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+
+
+def _row(r: dict) -> None:
+    print(f"  {r['scheme']:9} {r['shape'][0]:>6}x{r['shape'][1]:<6} ours {r['ours_ms']:7.2f} ms "
+          f"{r['ours_gbps']:5.1f} GB/s | torch {r['torch_ms']:7.2f} ms {r['torch_gbps']:5.1f} "
+          f"GB/s | x{r['speedup_vs_torch']:.2f}", file=sys.stderr, flush=True)
+
+
+def _report(res: dict) -> None:
+    bw = res["read_bandwidth_gbps"]
+    out = sys.stderr
+    print(f"\nthreads {res['threads']}, SIMD {res['simd_bytes']} B, read bandwidth {bw:.1f} GB/s",
+          file=out)
+    print(f"{'scheme':9} {'M x K':>13} {'ours ms':>8} {'GB/s':>6} {'%bw':>5} {'torch ms':>9} "
+          f"{'GB/s':>6} {'ours/torch':>10}", file=out)
+    for r in res["decode"]:
+        print(f"{r['scheme']:9} {r['shape'][0]:>6}x{r['shape'][1]:<6} {r['ours_ms']:8.2f} "
+              f"{r['ours_gbps']:6.1f} {100 * r['fraction_of_bandwidth']:5.0f} "
+              f"{r['torch_ms']:9.2f} {r['torch_gbps']:6.1f} {r['speedup_vs_torch']:10.2f}",
+              file=out)
+    for r in res["prefill"]:
+        print(f"prefill L={r['L']} {r['scheme']} {r['shape'][0]}x{r['shape'][1]}: ours "
+              f"{r['ours_gflops']:.0f} GFLOP/s, bf16 matmul {r['bf16_matmul_gflops']:.0f} "
+              f"GFLOP/s (x{r['ratio']:.2f})", file=out)
+    for r in res.get("crossover", []):
+        print(f"L={r['L']:3}: gemv {r['gemv_ms']:7.2f} ms, prefill {r['prefill_ms']:7.2f} ms",
+              file=out)
+    if "startup" in res:
+        print(f"startup: {res['startup']}", file=out)
+
+
+if __name__ == "__main__":
+    main()
