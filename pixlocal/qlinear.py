@@ -20,6 +20,9 @@ class QLinear(nn.Module):
     `layers.0.attention.wq.qweight` … exactly as in the shard. int8 scales may be float16 or
     bfloat16 (qformat); load with `load_state_dict(..., assign=True)` to keep the file's dtype.
     `backend` names the qmatmul kernel (kernels.BACKENDS); the loader sets it per device.
+    The weight is prepared for the backend (kernels.prepare) at the first forward and again
+    whenever the buffers are replaced (load_state_dict, .to()); the cpu backend's prepared
+    weight shares the buffers' memory. The output has the input's dtype.
     """
 
     qweight: torch.Tensor
@@ -43,15 +46,24 @@ class QLinear(nn.Module):
         self.register_buffer("zeros", torch.zeros(M, K // G, dtype=torch.uint8, device=device)
                              if int4 else None)
         self.register_buffer("bias", torch.zeros(M, device=device) if bias else None)
+        self._prepared: tuple[tuple[object, ...], object] | None = None
 
     def qtensor(self) -> QTensor:
         """The weight as a QTensor (views of the buffers, no copy)."""
         return QTensor(self.qweight, self.scales, self.zeros,
                        (self.out_features, self.in_features), self.spec)
 
+    def prepared(self) -> object:
+        """The weight as the backend's kernels read it; prepared once per set of buffers."""
+        key = (self.qweight, self.scales, self.zeros, self.backend)
+        if self._prepared is None or any(a is not b for a, b in zip(self._prepared[0], key)):
+            self._prepared = (key, kernels.prepare(self.qtensor(), self.backend))
+        return self._prepared[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = kernels.qmatmul(x.reshape(-1, self.in_features), self.qtensor(), self.backend)  # (L, M)
+        y = kernels.qmatmul(x.reshape(-1, self.in_features), self.prepared(),
+                            self.backend)  # (L, M) float32
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*lead, self.out_features)

@@ -1,20 +1,23 @@
 """Quantized matmul dispatch: qmatmul(x, q, backend) → the backend's kernel of the same name.
 
 Backends are modules imported on first use (numba and CUDA stay unloaded until asked for):
-"ref" (kernels/ref.py, plain torch, the oracle); cpu.py (numba) and cuda.py add their rows to
-BACKENDS when they land.
+"ref" (kernels/ref.py, plain torch, the oracle) and "cpu" (kernels/cpu.py, numba: int8
+activations and integer dot products for decode, dequantized tiles + torch GEMM for prefill).
+A backend may repack a weight once: `prepare(q, backend)` returns what its kernels read
+(the QTensor itself for "ref", zero-copy numpy views for "cpu"), and `qmatmul` takes either.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 import torch
 
 from ..qformat import QTensor
 
-BACKENDS: dict[str, str] = {"ref": "pixlocal.kernels.ref"}
+BACKENDS: dict[str, str] = {"ref": "pixlocal.kernels.ref", "cpu": "pixlocal.kernels.cpu"}
 
 
 def backend_module(backend: str) -> ModuleType:
@@ -24,7 +27,25 @@ def backend_module(backend: str) -> ModuleType:
     return importlib.import_module(BACKENDS[backend])
 
 
-def qmatmul(x: torch.Tensor, q: QTensor, backend: str = "ref") -> torch.Tensor:
-    """x (L, K) @ dequantize(q).T → (L, M) float32, by `backend`."""
+def prepare(q: QTensor, backend: str = "ref") -> Any:
+    """The weight in the form `backend`'s kernels read (done once, at load or first use)."""
+    return backend_module(backend).prepare(q)
+
+
+def qmatmul(x: torch.Tensor, q: Any, backend: str = "ref") -> torch.Tensor:
+    """x (L, K) @ dequantize(q).T → (L, M) float32, by `backend`; q a QTensor or the result
+    of prepare(q, backend)."""
     out: torch.Tensor = backend_module(backend).qmatmul(x, q)
     return out
+
+
+def default_backend(device: str | torch.device) -> str:
+    """"cpu" for a CPU device when numba and a SIMD instruction set (AVX2/AVX-512) are there,
+    else "ref"."""
+    if torch.device(device).type != "cpu":
+        return "ref"
+    try:
+        cpu = backend_module("cpu")
+    except ImportError:
+        return "ref"
+    return "cpu" if cpu.SIMD else "ref"

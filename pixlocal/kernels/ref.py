@@ -1,5 +1,6 @@
 """Reference kernels: plain torch, float32, obviously right. The oracle every fast backend
-(cpu.py numba, cuda.py) is tested against, with the same function names and signatures."""
+(cpu.py numba, cuda.py) is tested against: each function here has a twin of the same name and
+signature there. `prepare` is the identity: the reference reads the QTensor as stored."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import torch
 
 from ..qformat import QTensor, dequantize
 
-# Shapes: L tokens · K in-features · M out-features · G group size
+# Shapes: L tokens · K in-features · M out-features · G group size · N = K // G
+
+
+def prepare(q: QTensor) -> QTensor:
+    """The weight as this backend computes with it: unchanged."""
+    return q
 
 
 def qmatmul(x: torch.Tensor, q: QTensor) -> torch.Tensor:
@@ -15,3 +21,38 @@ def qmatmul(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     assert x.dim() == 2 and x.shape[1] == q.shape[1], (tuple(x.shape), q.shape)
     w = dequantize(q).to(x.device)  # (M, K) float32
     return x.float() @ w.T  # (L, M)
+
+
+def quantize_activation(x: torch.Tensor, group_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (L, K) → a (L, K) int8, d (L, N) float32, asum (L, N) int32 with x ≈ a * d per group
+    (d = absmax / 127, a = round(x / d), half to even; d = 0 for an all-zero group)."""
+    L, K = x.shape
+    xf = x.float().reshape(L, K // group_size, group_size)  # (L, N, G)
+    d = xf.abs().amax(-1) / 127  # (L, N)
+    a = torch.where(d[..., None] > 0, torch.round(xf / d[..., None]), 0).to(torch.int8)
+    return a.reshape(L, K), d, a.sum(-1, dtype=torch.int32)
+
+
+def gemv(x: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """x (L, K) @ W.T → (L, M) float32 with x first quantized per group to int8 (decode)."""
+    a, d, _ = quantize_activation(x, q.spec.group_size)
+    L, K = x.shape
+    xq = (a.float().reshape(L, d.shape[1], -1) * d[..., None]).reshape(L, K)
+    return xq @ dequantize(q).to(x.device).T
+
+
+def dequantize_rows(q: QTensor, r0: int, r1: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows r0..r1-1 of the weight, dequantized (exact in float32, then rounded to dtype)."""
+    rows = QTensor(q.qweight[r0:r1], q.scales[r0:r1],
+                   None if q.zeros is None else q.zeros[r0:r1], (r1 - r0, q.shape[1]), q.spec)
+    return dequantize(rows).to(dtype)
+
+
+def prefill(x: torch.Tensor, q: QTensor) -> torch.Tensor:
+    """x (L, K) @ W.T → (L, M) float32: bfloat16 x times bfloat16 weights (output rounded to
+    bfloat16), any other x in float32."""
+    if x.dtype == torch.bfloat16:
+        return (x @ dequantize(q, torch.bfloat16).to(x.device).T).float()
+    return qmatmul(x, q)
