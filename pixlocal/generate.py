@@ -21,11 +21,14 @@ import torch
 from .checkpoint import Checkpoint, tokenizer_path
 from .config import PixtralArgs
 from .errors import ContextOverflow, PixlocalError
-from .loader import load_model
+from .loader import load_model, parse_device, parse_dtype
 from .model import KVCache, PixtralModel
+from .placement import (GpuLayers, Plan, apply, checkpoint_bytes, free_vram, image_tokens,
+                        module_device, plan)
 from .prompt import Encoded, PromptEncoder, StreamDecoder
 
 Key = int | tuple[bytes, int]
+DEFAULT_CONTEXT = 32_768  # tokens the KV cache is planned for (~1 image + a long chat)
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,12 @@ class Pixtral:
         self.checkpoint = checkpoint
         self.args: PixtralArgs = model.args
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.dtype = p.dtype
+        self.device = module_device(model.tok_embeddings)  # where token ids go
+        self.vision_device = (module_device(model.vision_encoder)
+                              if model.args.vision_encoder is not None else self.device)
+        self.context_len = model.args.max_seq_len  # load() lowers it to the memory plan's
+        self.plan: Plan | None = None
         self._cache: KVCache | None = None
         self._keys: list[Key] = []  # what positions 0..len-1 of the cache hold
         self.images_encoded = 0  # images run through the vision encoder (for tests and stats)
@@ -93,7 +101,8 @@ class Pixtral:
         if images and self.args.vision_encoder is None:
             raise PixlocalError(f"{self.path}: this model has no vision encoder; it cannot "
                                 "take images")
-        return [torch.from_numpy(np.asarray(a, dtype=np.float32)).to(self.device, self.dtype)
+        return [torch.from_numpy(np.asarray(a, dtype=np.float32)).to(self.vision_device,
+                                                                      self.dtype)
                 for a in images]
 
     @torch.inference_mode()
@@ -119,7 +128,7 @@ class Pixtral:
     def _check_context(self, n_prompt: int, max_tokens: int) -> None:
         if max_tokens < 0:
             raise PixlocalError(f"max_tokens must be >= 0, got {max_tokens}")
-        limit = self.args.max_seq_len
+        limit = min(self.args.max_seq_len, self.context_len)
         if n_prompt + max_tokens > limit:
             raise ContextOverflow(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) "
                                   f"exceeds the context window of {limit} tokens")
@@ -146,11 +155,12 @@ class Pixtral:
     def _ensure_cache(self, needed: int) -> KVCache:
         a = self.args
         if self._cache is None:
-            cap = min(a.max_seq_len, max(needed, 512))
+            cap = min(a.max_seq_len, self.context_len, max(needed, 512))
             self._cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, cap, self.dtype,
-                                  self.device)
+                                  [module_device(layer) for layer in self.model.layers])
         elif needed > self._cache.capacity:
-            self._cache.grow(min(a.max_seq_len, max(needed, 2 * self._cache.capacity)))
+            self._cache.grow(min(a.max_seq_len, self.context_len,
+                                 max(needed, 2 * self._cache.capacity)))
         return self._cache
 
     @torch.inference_mode()
@@ -267,10 +277,27 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": "".join(parts)})
 
 
-def load(path: str | Path, device: str = "cpu", dtype: str = "bfloat16",
-         max_image_size: int | None = None) -> Pixtral:
-    """Load a model directory (Mistral or Hugging Face format) for generation."""
-    model, ckpt = load_model(path, device=device, dtype=dtype)
+def load(path: str | Path, device: str = "auto", dtype: str = "bfloat16",
+         max_image_size: int | None = None, gpu_layers: GpuLayers = "auto",
+         max_vram: int | None = None, context_len: int = DEFAULT_CONTEXT) -> Pixtral:
+    """Load a model directory (Mistral or Hugging Face format) for generation.
+
+    device "auto" picks CUDA when present. On CUDA the weights load on the CPU (memory-mapped)
+    and placement.plan() decides what moves to the GPU: `gpu_layers` decoder layers ("auto":
+    as many as fit, PixlocalError if an explicit count cannot), `max_vram` bytes at most, a KV
+    cache for `context_len` tokens (longer prompts raise ContextOverflow)."""
+    dev = parse_device(device)
+    model, ckpt = load_model(path, device="cpu" if dev.type == "cuda" else dev, dtype=dtype)
+    context_len = min(context_len, model.args.max_seq_len)
+    p = None
+    if dev.type == "cuda":
+        p = plan(model.args, checkpoint_bytes(ckpt, parse_dtype(dtype)), free_vram(dev),
+                 context_len, image_tokens(model.args, max_image_size), gpu_layers, max_vram,
+                 parse_dtype(dtype).itemsize)
+        apply(model, p, dev)
     encoder = PromptEncoder(tokenizer_path(Path(path).expanduser(), ckpt.kind),
                             max_image_size=max_image_size)
-    return Pixtral(model, encoder, Path(path).expanduser(), ckpt)
+    runner = Pixtral(model, encoder, Path(path).expanduser(), ckpt)
+    if p is not None:  # the CPU's KV cache grows on demand: only a GPU plan caps the context
+        runner.context_len, runner.plan = context_len, p
+    return runner

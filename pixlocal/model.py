@@ -21,29 +21,31 @@ from .vision import VisionEncoder, VisionLanguageAdapter
 
 
 class KVCache(nn.Module):
-    """Preallocated rotated keys and values of every layer: (n_layers, Hkv, capacity, Dh)."""
+    """Preallocated rotated keys and values, one (Hkv, capacity, Dh) pair per layer, each on
+    its layer's device (`device`: one for all layers, or a list with one per layer)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str | list[torch.device] = "cpu"):
         super().__init__()
-        shape = (n_layers, n_kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        devs = device if isinstance(device, list) else [torch.device(device)] * n_layers
+        shape = (n_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
         self.capacity = capacity
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(2 * t.numel() * t.element_size() for t in self.k)
 
     def grow(self, capacity: int) -> None:
         """Reallocate to a larger capacity, keeping what is stored."""
         if capacity <= self.capacity:
             return
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:2], capacity, old.shape[3])
-            new[:, :, : self.capacity] = old
-            setattr(self, name, new)
+        for buf in (self.k, self.v):
+            for i, old in enumerate(buf):
+                new = old.new_zeros(old.shape[0], capacity, old.shape[2])
+                new[:, : self.capacity] = old
+                buf[i] = new
         self.capacity = capacity
 
 
@@ -65,9 +67,10 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H*, L, Dh)
         if cache is not None:
-            cache.k[layer, :, start : start + L] = k
-            cache.v[layer, :, start : start + L] = v
-            k, v = cache.k[layer, :, : start + L], cache.v[layer, :, : start + L]  # (Hkv, S, Dh)
+            ck, cv = cache.k[layer], cache.v[layer]  # (Hkv, capacity, Dh)
+            ck[:, start : start + L] = k
+            cv[:, start : start + L] = v
+            k, v = ck[:, : start + L], cv[:, : start + L]  # (Hkv, S, Dh)
         S = k.shape[1]
         if L == 1:
             mask, causal = None, False  # one new token sees everything before it
@@ -122,7 +125,7 @@ class PixtralModel(nn.Module):
             assert int(is_img.sum()) == image_rows.shape[0], (int(is_img.sum()),
                                                               image_rows.shape)
             h = h.clone()
-            h[is_img] = image_rows.to(h.dtype)
+            h[is_img] = image_rows.to(h.device, h.dtype)
         return h
 
     def forward(self, h: torch.Tensor, start: int = 0, cache: KVCache | None = None,
@@ -136,5 +139,8 @@ class PixtralModel(nn.Module):
         pos = torch.arange(start, start + L, device=h.device)
         freqs_cis = freqs_cis_1d(pos, self.args.head_dim, self.args.rope_theta)  # (L, Dh/2)
         for i, layer in enumerate(self.layers):
+            dev = layer.attention_norm.weight.device  # partial offload: cross CPU <-> GPU
+            h, freqs_cis = h.to(dev), freqs_cis.to(dev)  # (a no-op on the same device)
             h = layer(h, freqs_cis, i, cache, start)
-        return self.output(self.norm(h[logits_from:])).float()
+        h = h[logits_from:].to(self.norm.weight.device)
+        return self.output(self.norm(h)).float()
