@@ -1,0 +1,63 @@
+"""QLinear on the cpu backend: same results as on the reference backend, output dtype follows
+the input, the weight is prepared once per set of buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pixlocal import kernels
+from pixlocal.qformat import QuantSpec, dequantize
+from pixlocal.qlinear import QLinear
+
+cpu = pytest.importorskip("pixlocal.kernels.cpu")
+
+# Decode (L <= PREFILL_MIN) quantizes activations to int8: bounded by the same worst case as
+# in test_kernels (d/2 per element times sum |w|); on these inputs the observed error is
+# under 1e-2 of max|y|, and 3e-2 is used for it. Prefill in float32 is the reference's math
+# (observed 1e-6); bfloat16 rounds input, weights and output to 8 bits: 2e-2 of max|y|.
+DECODE_RTOL = 3e-2
+PREFILL_F32_RTOL = 1e-5
+BF16_RTOL = 2e-2
+
+
+def _rel(y: torch.Tensor, want: torch.Tensor) -> float:
+    return float((y.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(8, 64), QuantSpec(4, 128)],
+                         ids=lambda s: s.name)
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_qlinear_matches_ref(spec, bias):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 77, bias=bias)
+    ql_cpu = QLinear.from_linear(lin, spec, backend="cpu")
+    ql_ref = QLinear.from_qtensor(ql_cpu.qtensor(), lin.bias, backend="ref")
+    with torch.no_grad():
+        for L, tol in ((1, DECODE_RTOL), (5, DECODE_RTOL), (40, PREFILL_F32_RTOL)):
+            x = torch.randn(2, L, 256)
+            y = ql_cpu(x)
+            assert y.shape == (2, L, 77) and y.dtype == torch.float32
+            assert _rel(y, ql_ref(x)) <= tol, L
+            xb = x.bfloat16()
+            yb = ql_cpu(xb)
+            assert yb.dtype == torch.bfloat16
+            assert _rel(yb, ql_ref(xb.float())) <= max(tol, BF16_RTOL), L
+
+
+def test_prepared_once_per_buffers():
+    spec = QuantSpec(4, 32)
+    ql = QLinear.from_linear(torch.nn.Linear(64, 8, bias=False), spec, backend="cpu")
+    x = torch.randn(3, 64)
+    y = ql(x)
+    first = ql.prepared()
+    assert isinstance(first, cpu.CpuQ) and ql.prepared() is first
+    # new buffers (load_state_dict with assign) → prepared again, from the new weights
+    other = QLinear.from_linear(torch.nn.Linear(64, 8, bias=False), spec)
+    ql.load_state_dict(other.state_dict(), assign=True)
+    assert ql.prepared() is not first
+    torch.testing.assert_close(ql(x), kernels.qmatmul(x, other.qtensor(), "cpu"))
+    assert not torch.equal(ql(x), y)
+    ql.backend = "ref"  # another backend → its own prepared form
+    assert ql.prepared().qweight is ql.qweight  # ref reads the QTensor as stored
+    torch.testing.assert_close(ql(x), x @ dequantize(other.qtensor()).T)
