@@ -1,0 +1,170 @@
+"""Memory plan and CPU/GPU split: 12B arithmetic, explicit/auto layer counts, apply() on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from pixlocal import kernels, placement
+from pixlocal.config import PixtralArgs
+from pixlocal.errors import ContextOverflow, PixlocalError
+from pixlocal.qformat import QuantSpec
+
+GiB = placement.GiB
+A12 = PixtralArgs.pixtral_12b()
+
+
+@pytest.fixture(scope="module")
+def int4_12b() -> dict[str, int]:
+    return placement.estimate_bytes(A12, QuantSpec(4, 32))
+
+
+def test_12b_int4_estimate_is_what_the_format_says(int4_12b):
+    layer = sum(b for n, b in int4_12b.items() if n.startswith("layers.0."))
+    linears = 4 * 5120 * 4096 // 4 * 2 + 2 * 5120 * 1024 + 3 * 5120 * 14336  # weights/layer
+    assert abs(layer - linears * 4.5 / 8) < 5 * 5120 * 2  # + two norms in bf16
+    assert int4_12b["output.qweight"] == 131072 * 5120  # int8 head
+    total = sum(int4_12b.values()) / GiB
+    assert 7.5 < total < 8.2, total  # 12.4B weights, mostly at 4.5 bits
+
+
+def test_8gb_card_runs_int4_12b_partially(int4_12b):
+    free = int(7.4 * GiB)  # what an 8 GB card reports free with a desktop on it
+    p = placement.plan(A12, int4_12b, free, 8192, placement.image_tokens(A12))
+    assert 15 <= len(p.gpu_layers) < 40
+    assert p.gpu_layers == list(range(40 - len(p.gpu_layers), 40))  # the last layers
+    assert p.devices["vision"] == "cuda" and p.devices["embeddings"] == "cpu"
+    assert p.devices["output"] == "cpu"  # the head follows only once every layer is there
+    assert p.gpu_bytes <= p.budget <= free
+    # one more layer would not have fitted
+    more = placement.plan(A12, int4_12b, free + 1 * GiB, 8192, 4096)
+    assert len(more.gpu_layers) > len(p.gpu_layers)
+    text = p.describe()
+    assert f"{len(p.gpu_layers)}/40 decoder layers" in text and "GiB free" in text
+
+
+def test_24gb_card_holds_everything_and_context_costs_layers(int4_12b):
+    p = placement.plan(A12, int4_12b, 22 * GiB, 32768, 4096)
+    assert len(p.gpu_layers) == 40 and p.devices["output"] == "cuda"
+    assert p.kv_per_layer == 2 * 8 * 128 * 32768 * 2
+    short = placement.plan(A12, int4_12b, 10 * GiB, 4096, 4096)
+    long = placement.plan(A12, int4_12b, 10 * GiB, 65536, 4096)
+    assert len(long.gpu_layers) < len(short.gpu_layers)
+
+
+def test_max_vram_caps_the_plan(int4_12b):
+    p = placement.plan(A12, int4_12b, 22 * GiB, 8192, 4096, max_vram=3 * GiB)
+    assert p.budget == 3 * GiB and p.gpu_bytes <= 3 * GiB and 0 < len(p.gpu_layers) < 40
+
+
+def test_explicit_gpu_layers_that_do_not_fit_are_refused_with_a_count_that_does(int4_12b):
+    with pytest.raises(PixlocalError, match=r"--gpu-layers 40 needs .* GiB") as e:
+        placement.plan(A12, int4_12b, int(7.4 * GiB), 8192, 4096, gpu_layers=40)
+    assert "\n" not in str(e.value)
+    most = int(re.search(r"use --gpu-layers (\d+)", str(e.value))[1])
+    ok = placement.plan(A12, int4_12b, int(7.4 * GiB), 8192, 4096, gpu_layers=most)
+    assert len(ok.gpu_layers) == most and ok.gpu_bytes <= ok.budget
+    for bad in (-1, 41, "some"):
+        with pytest.raises(PixlocalError, match="expected auto or 0..40"):
+            placement.plan(A12, int4_12b, GiB, 8192, 4096, gpu_layers=bad)  # type: ignore[arg-type]
+
+
+def test_no_cuda_means_everything_on_the_cpu(int4_12b):
+    p = placement.plan(A12, int4_12b, None, 8192, 4096)
+    assert set(p.devices.values()) == {"cpu"} and p.gpu_layers == [] and p.gpu_bytes == 0
+    assert "no CUDA device" in p.describe()
+    tiny_gpu = placement.plan(A12, int4_12b, GiB // 2, 8192, 4096)
+    assert tiny_gpu.gpu_layers == [] and tiny_gpu.devices["vision"] == "cpu"
+
+
+def test_unknown_tensor_has_no_part():
+    with pytest.raises(PixlocalError, match="no known part"):
+        placement.part_of("lm_head.weight")
+
+
+def test_checkpoint_bytes_match_the_estimate(tmp_path, tiny_args):
+    from pixlocal.checkpoint import open_checkpoint
+    from pixlocal.quant import quantize_checkpoint
+    from pixlocal.synthetic import write_checkpoint
+    src, out = tmp_path / "src", tmp_path / "q"
+    write_checkpoint(src, tiny_args, fmt="mistral", dtype=torch.bfloat16, seed=0)
+    quantize_checkpoint(src, out, bits=4)
+    got = placement.checkpoint_bytes(open_checkpoint(out, tiny_args), torch.bfloat16)
+    assert got == placement.estimate_bytes(tiny_args, QuantSpec(4, 32))
+    plain = placement.checkpoint_bytes(open_checkpoint(src, tiny_args), torch.float32)
+    assert plain == placement.estimate_bytes(tiny_args, None, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    from pixlocal.quant import quantize_checkpoint
+    from pixlocal.synthetic import write_checkpoint
+    d = tmp_path_factory.mktemp("split")
+    args = dataclasses.replace(PixtralArgs.tiny(), n_layers=4)
+    write_checkpoint(d / "src", args, fmt="mistral", dtype=torch.float32, seed=3)
+    quantize_checkpoint(d / "src", d / "q", bits=4)
+    return d / "q"
+
+
+def test_apply_splits_layers_and_the_forward_matches(four_layers, monkeypatch, sample_png):
+    import pixlocal
+    monkeypatch.setitem(kernels.BACKENDS, "cuda", "pixlocal.kernels.cuda")
+    whole = pixlocal.load(four_layers, device="cpu", dtype="float32")
+    split = pixlocal.load(four_layers, device="cpu", dtype="float32")
+    args = split.args
+    b = placement.estimate_bytes(args, QuantSpec(4, 32), torch.float32)
+    everything_cpu = placement.plan(args, b, None, 256, 0)
+    placement.apply(whole.model, everything_cpu, backends={"cpu": "ref"})
+    p = placement.plan(args, b, 10 * GiB, 256, placement.image_tokens(args), gpu_layers=2)
+    assert p.gpu_layers == [2, 3] and p.devices["vision"] == "cuda"
+    # both "devices" are the CPU here; the backends show which side each module landed on
+    placement.apply(split.model, p, gpu="cpu", backends={"cuda": "cuda", "cpu": "ref"})
+    backend = {n: m.backend for n, m in split.model.named_modules() if hasattr(m, "backend")}
+    assert {backend[f"layers.{i}.feed_forward.w1"] for i in (2, 3)} == {"cuda"}
+    assert {backend[f"layers.{i}.attention.wq"] for i in (0, 1)} == {"ref"}
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(sample_png)},
+                                         {"type": "text", "text": "What is it?"}]}]
+    enc = whole.encode(msgs)
+    want = whole.logits(enc.tokens, enc.images)
+    # the cuda backend's CPU twins: bf16 activations and bf16 zero points (test_cuda_logic)
+    got = split.logits(enc.tokens, enc.images)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-2
+    assert type(split.model.layers[3].feed_forward.w1.prepared()).__name__ == "TinyGemmQTensor"
+    # the split itself changes nothing: same backend on both sides, same numbers and tokens
+    placement.apply(split.model, p, gpu="cpu", backends={"cuda": "ref", "cpu": "ref"})
+    torch.testing.assert_close(split.logits(enc.tokens, enc.images), want, rtol=0, atol=0)
+    assert split.generate(msgs, max_tokens=6) == whole.generate(msgs, max_tokens=6)
+    kinds = {(m.backend, type(m.prepared()).__name__) for n, m in split.model.named_modules()
+             if n.startswith("layers.3.") and hasattr(m, "prepared")}
+    assert kinds == {("ref", "QTensor")}
+
+
+def test_kv_cache_lives_per_layer_on_a_device_list():
+    from pixlocal.model import KVCache
+    devs = [torch.device("cpu")] * 3
+    c = KVCache(3, 2, 8, 4, torch.float32, devs)
+    c.k[1][:, :4] = 1.0
+    c.grow(10)
+    assert c.capacity == 10 and len(c.k) == 3 and c.k[1].shape == (2, 10, 8)
+    assert float(c.k[1][:, :4].min()) == 1.0 and float(c.k[1][:, 4:].abs().max()) == 0.0
+    assert c.nbytes == 2 * 3 * 2 * 10 * 8 * 4
+
+
+def test_planned_context_is_enforced(tiny_ckpt):
+    import pixlocal
+    m = pixlocal.load(tiny_ckpt, device="cpu", dtype="float32")
+    m.context_len = 16  # what load() sets from a GPU plan
+    with pytest.raises(ContextOverflow):
+        list(m.stream([{"role": "user", "content": "hello " * 20}], max_tokens=4))
+
+
+def test_device_auto_without_cuda_is_the_cpu(tiny_ckpt, monkeypatch):
+    import pixlocal
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    m = pixlocal.load(tiny_ckpt, dtype="float32")  # device="auto" is the default
+    assert m.device.type == "cpu" and m.plan is None
+    with pytest.raises(PixlocalError, match="no CUDA device"):
+        pixlocal.load(tiny_ckpt, device="cuda")
