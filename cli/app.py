@@ -45,6 +45,7 @@ def main() -> None:
     from . import bench  # noqa: F401
     from . import caption  # noqa: F401
     from . import chat  # noqa: F401
+    from . import doctor  # noqa: F401
     from . import models  # noqa: F401
     from . import quantize  # noqa: F401
     app()

@@ -17,7 +17,8 @@ import torch
 
 from ..qformat import QTensor
 
-BACKENDS: dict[str, str] = {"ref": "pixlocal.kernels.ref", "cpu": "pixlocal.kernels.cpu"}
+BACKENDS: dict[str, str] = {"ref": "pixlocal.kernels.ref", "cpu": "pixlocal.kernels.cpu",
+                            "cuda": "pixlocal.kernels.cuda"}
 
 
 def backend_module(backend: str) -> ModuleType:
@@ -43,7 +44,7 @@ def default_backend(device: str | torch.device) -> str:
     """"cpu" for a CPU device when numba and a SIMD instruction set (AVX2/AVX-512) are there,
     else "ref"."""
     if torch.device(device).type != "cpu":
-        return "ref"
+        return "cuda" if torch.device(device).type == "cuda" else "ref"
     try:
         cpu = backend_module("cpu")
     except ImportError:

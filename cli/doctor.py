@@ -1,0 +1,170 @@
+"""`pixlocal doctor`: versions, CPU and GPU facts, the kernel each layer kind uses, the plan."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .app import app, err, user_errors
+
+_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
+          "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16",
+          "amx_int8": "AMX-INT8"}
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_facts(cpuinfo: str | None = None) -> dict[str, Any]:
+    """Model, ISA features and physical cores from /proc/cpuinfo (Linux), else platform."""
+    if cpuinfo is None:
+        p = Path("/proc/cpuinfo")
+        cpuinfo = p.read_text() if p.is_file() else ""
+    model, flags, cores = platform.processor() or platform.machine(), set(), set()
+    phys = core = ""
+    for line in cpuinfo.splitlines():
+        key, _, val = (s.strip() for s in line.partition(":"))
+        if key == "model name":
+            model = val
+        elif key == "flags":
+            flags |= set(val.split())
+        elif key == "physical id":
+            phys = val
+        elif key == "core id":
+            core = val
+            cores.add((phys, core))
+    return {"model": model, "features": [n for f, n in _FLAGS.items() if f in flags],
+            "physical_cores": len(cores) or os.cpu_count() or 1,
+            "logical_cpus": os.cpu_count() or 1}
+
+
+def ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def kernel_table(cap: tuple[int, int] | None, cuda: bool) -> list[tuple[str, str, str]]:
+    """(layer kind, CPU kernel, CUDA kernel) for decode (1 token) / prefill (1024 tokens),
+    12B shapes; cap is the CUDA device's compute capability."""
+    from pixlocal import kernels
+    from pixlocal.kernels import cuda as ck
+
+    cpu = kernels.default_backend("cpu")
+    cpu_q = ("cpu: numba GEMV / dequant tile + GEMM" if cpu == "cpu"
+             else f"{cpu}: torch dequantize + matmul")
+
+    def gpu(bits: int, shape: tuple[int, int]) -> str:
+        if not cuda:
+            return "no CUDA device"
+        return f"{ck.kernel_for(bits, shape, 1, cap)} / {ck.kernel_for(bits, shape, 1024, cap)}"
+
+    half = "bfloat16" if cap is None or cap >= (8, 0) else "float16"
+    return [("decoder linear int4", cpu_q, gpu(4, (14336, 5120))),
+            ("decoder linear int8", cpu_q, gpu(8, (14336, 5120))),
+            ("output head (int8)", cpu_q, gpu(8, (131072, 5120))),
+            ("vision encoder + adapter", "torch, load dtype",
+             f"torch {half} (cuBLAS)" if cuda else "no CUDA device")]
+
+
+def gather(device: str, gpu_layers: str, max_vram: float | None, model: str | None,
+           context: int) -> dict[str, Any]:
+    import torch
+
+    from pixlocal import placement
+    from pixlocal.config import PixtralArgs
+    from pixlocal.loader import parse_device
+    from pixlocal.qformat import QuantSpec
+
+    dev = parse_device(device)
+    info: dict[str, Any] = {
+        "versions": {"pixlocal": _version("pixlocal"), "torch": torch.__version__,
+                     "cuda (torch build)": torch.version.cuda or "none",
+                     "numba": _version("numba"), "mistral-common": _version("mistral_common"),
+                     "numpy": _version("numpy"), "python": platform.python_version()},
+        "cpu": cpu_facts(), "ram_bytes": ram_bytes(), "device": str(dev), "gpu": None,
+    }
+    cap = None
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        cap = torch.cuda.get_device_capability(dev)
+        info["gpu"] = {"name": torch.cuda.get_device_name(dev),
+                       "compute_capability": f"{cap[0]}.{cap[1]}", "free_vram_bytes": free,
+                       "total_vram_bytes": total}
+    info["kernels"] = kernel_table(cap, dev.type == "cuda")
+    layers: int | str = "auto" if gpu_layers == "auto" else int(gpu_layers)
+    if model is not None:
+        from pixlocal.checkpoint import open_checkpoint
+        from pixlocal.loader import args_of, resolve_dir
+        args = args_of(model)
+        sizes = placement.checkpoint_bytes(open_checkpoint(resolve_dir(model), args),
+                                           torch.bfloat16)
+        what = str(model)
+    else:
+        args = PixtralArgs.pixtral_12b()
+        sizes = placement.estimate_bytes(args, QuantSpec.default(4))
+        what = "Pixtral-12B int4-g32 (estimate)"
+    free_b = info["gpu"]["free_vram_bytes"] if info["gpu"] else None
+    plan = placement.plan(args, sizes, free_b, min(context, args.max_seq_len),
+                          placement.image_tokens(args), layers,  # type: ignore[arg-type]
+                          None if max_vram is None else int(max_vram * placement.GiB))
+    info["plan"] = {"model": what, "gpu_layers": plan.gpu_layers, "text": plan.describe()}
+    return info
+
+
+def _gib(b: int | None) -> str:
+    return "unknown" if b is None else f"{b / 2**30:.1f} GiB"
+
+
+@app.command()
+def doctor(
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    gpu_layers: Annotated[str, typer.Option(help="Decoder layers on the GPU: N or auto.")
+                          ] = "auto",
+    max_vram: Annotated[float | None, typer.Option(help="Cap on the VRAM to plan for, GiB.")
+                        ] = None,
+    model: Annotated[str | None, typer.Option(help="Plan for this model dir (default: "
+                                                   "12B int4 shapes).")] = None,
+    context: Annotated[int, typer.Option(help="Context length to plan the KV cache for.")
+                       ] = 32768,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check this machine: versions, CPU features, GPU, kernels, and the memory plan."""
+    if gpu_layers != "auto" and not gpu_layers.isdigit():
+        raise typer.BadParameter(f"{gpu_layers!r} is not a number or auto",
+                                 param_hint="--gpu-layers")
+    with user_errors():
+        info = gather(device, gpu_layers, max_vram, model, context)
+    if as_json:
+        import json
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    out = Console(highlight=False, soft_wrap=True)
+    for k, v in info["versions"].items():
+        out.print(f"{k:>20}  {v}")
+    c = info["cpu"]
+    out.print(f"{'cpu':>20}  {c['model']} · {c['physical_cores']} physical cores, "
+              f"{c['logical_cpus']} logical · {', '.join(c['features']) or 'no AVX2'}")
+    out.print(f"{'ram':>20}  {_gib(info['ram_bytes'])}")
+    g = info["gpu"]
+    out.print(f"{'gpu':>20}  " + ("no CUDA device" if g is None else
+              f"{g['name']} · compute capability {g['compute_capability']} · "
+              f"{_gib(g['free_vram_bytes'])} free of {_gib(g['total_vram_bytes'])}"))
+    t = Table("layer kind", "CPU (decode / prefill)", "CUDA (decode / prefill)")
+    for row in info["kernels"]:
+        t.add_row(*row)
+    out.print(t)
+    out.print(f"memory plan for {info['plan']['model']}:\n{info['plan']['text']}")
+    err.print("[dim]doctor: done[/dim]")
