@@ -23,8 +23,16 @@ from .config import PixtralArgs
 from .errors import ContextOverflow, PixlocalError
 from .loader import load_model, parse_device, parse_dtype
 from .model import KVCache, PixtralModel
-from .placement import (GpuLayers, Plan, apply, checkpoint_bytes, free_vram, image_tokens,
-                        module_device, plan)
+from .placement import (
+    GpuLayers,
+    Plan,
+    apply,
+    checkpoint_bytes,
+    free_vram,
+    image_tokens,
+    module_device,
+    plan,
+)
 from .prompt import Encoded, PromptEncoder, StreamDecoder
 
 Key = int | tuple[bytes, int]

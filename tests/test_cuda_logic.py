@@ -47,7 +47,8 @@ def test_cuda_packer_input_nibble_order():
 
 def test_int32_nibbles_order():
     w = torch.tensor([[0x76543210, 0x0FEDCBA9]], dtype=torch.int32)
-    assert cuda.int32_nibbles(w).tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 0]]
+    want = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 0]
+    assert cuda.int32_nibbles(w).tolist() == [want]
 
 
 def _fake_packer(secret: torch.Tensor, ikt: int):

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from pixlocal.cli import doctor as doc
 from pixlocal.cli.app import app
+from typer.testing import CliRunner
 
 CPUINFO = """processor\t: 0
 model name\t: Test CPU 9000

@@ -86,8 +86,9 @@ def test_unknown_tensor_has_no_part():
 
 
 def test_checkpoint_bytes_match_the_estimate(tmp_path, tiny_args):
-    from pixlocal.checkpoint import open_checkpoint
     from pixlocal.quant import quantize_checkpoint
+
+    from pixlocal.checkpoint import open_checkpoint
     from pixlocal.synthetic import write_checkpoint
     src, out = tmp_path / "src", tmp_path / "q"
     write_checkpoint(src, tiny_args, fmt="mistral", dtype=torch.bfloat16, seed=0)
@@ -101,6 +102,7 @@ def test_checkpoint_bytes_match_the_estimate(tmp_path, tiny_args):
 @pytest.fixture(scope="module")
 def four_layers(tmp_path_factory):
     from pixlocal.quant import quantize_checkpoint
+
     from pixlocal.synthetic import write_checkpoint
     d = tmp_path_factory.mktemp("split")
     args = dataclasses.replace(PixtralArgs.tiny(), n_layers=4)
