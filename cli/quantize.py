@@ -42,9 +42,10 @@ def _progress_bar(label: str):
 
 @app.command()
 def quantize(
-    src: Annotated[Path, typer.Argument(metavar="SRC", help="Model dir: Mistral (consolidated.safetensors) or "
-                                        "Hugging Face format.")],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="New directory for the quantized model.")],
+    src: Annotated[Path, typer.Argument(
+        metavar="SRC", help="Model dir: Mistral (consolidated.safetensors) or Hugging Face.")],
+    out: Annotated[Path, typer.Argument(
+        metavar="OUT", help="New directory for the quantized model.")],
     bits: Annotated[int, typer.Option(
         help="Decoder linears: 4 (~7 GB for 12B) or 8 (~13 GB).", callback=_choice(4, 8))] = 4,
     group_size: Annotated[int | None, typer.Option(
@@ -59,9 +60,8 @@ def quantize(
     """Quantize a checkpoint: decoder linears int4 (or int8), embeddings and output head int8,
     vision bf16, norms as stored. Progress on stderr; the output dir is printed on stdout."""
     with user_errors():
-        from rich.table import Table
-
         from pixlocal.quant import quantize_checkpoint
+        from rich.table import Table
 
         with _progress_bar("quantizing") as bar:
             task = bar.add_task("quantize", total=None)

@@ -50,10 +50,14 @@ each rounded and refit by least squares. All sums run in a fixed order, so the r
 not depend on chunking or thread count. quantize_ref() is plain round-to-nearest from the
 group's range (int4) or absmax (int8): the simple twin, and the floor the search must beat.
 
-safetensors __metadata__: {"format": "pixlocal", "format_version": "1", "quant": "<spec name>",
-"source": "<sha256 of the source params.json>"}. A tensor is quantized iff "{name}.scales" is
-present; its scheme is read from its own tensors (QTensor.from_tensors), so a file may mix
-schemes. Any layout change bumps FORMAT_VERSION.
+A model dir (written by `pixlocal quantize`, read by checkpoint.py): params.json, tekken.json,
+quantized-NNNNN-of-NNNNN.safetensors and quantized.index.json = {"metadata": {...as below,
+"total_size"}, "shards": {file: {"size", "sha256"}}, "weight_map": {tensor: file}}. Every
+shard's __metadata__: {"format": "pixlocal", "format_version": "1", "quant": "<default spec
+name>", "group_size": "<its G>", "source": "<sha256 of the source params.json/config.json>"}.
+Weight `{m}.weight` quantized is stored as `{m}.qweight/.scales[/.zeros]` (a tensor is quantized
+iff "{m}.scales" is present; its scheme is read from its own tensors, QTensor.from_tensors, so
+a file mixes schemes); other tensors keep their names. Any layout change bumps FORMAT_VERSION.
 
 The search itself lives in qsearch.py (pixlocal/ never imports quant/, and the runtime's
 QLinear.from_linear quantizes too).

@@ -26,8 +26,13 @@ from pathlib import Path
 
 import torch
 
-from pixlocal.checkpoint import QUANT_INDEX, Checkpoint, open_checkpoint, quant_shard_name
-from pixlocal.checkpoint import tokenizer_path
+from pixlocal.checkpoint import (
+    QUANT_INDEX,
+    Checkpoint,
+    open_checkpoint,
+    quant_shard_name,
+    tokenizer_path,
+)
 from pixlocal.config import read_args
 from pixlocal.errors import FormatError, ModelNotFound, PixlocalError
 from pixlocal.qformat import (

@@ -22,9 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from pixlocal.quant import quantize_checkpoint
 
 import pixlocal
-from pixlocal.quant import quantize_checkpoint
 from pixlocal.shards import SafetensorsFile, save_file
 
 STEPS = 256

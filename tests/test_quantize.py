@@ -15,6 +15,8 @@ import time
 
 import pytest
 import torch
+from pixlocal.quant import quantize_checkpoint, verify_dir
+from pixlocal.quant.recipe import Recipe
 from typer.testing import CliRunner
 
 import pixlocal
@@ -24,8 +26,6 @@ from pixlocal.errors import FormatError, PixlocalError
 from pixlocal.qembedding import QEmbedding
 from pixlocal.qformat import FORMAT_VERSION, QuantSpec, dequantize
 from pixlocal.qlinear import QLinear
-from pixlocal.quant import quantize_checkpoint, verify_dir
-from pixlocal.quant.recipe import Recipe
 
 SMALL_SHARDS = 4_000_000  # bytes: splits the tiny model (~18 MB quantized) into 4 shards
 # QLinear (ref backend, float32 math) vs the same model with dequantized float32 weights: the
@@ -241,8 +241,8 @@ def test_unknown_version_in_a_shard_header(q4, tmp_path):
 # ---- CLI ----------------------------------------------------------------------------------
 
 def _app():
-    from pixlocal.cli import quantize as _  # noqa: F401  (registers quantize and verify)
     from pixlocal.cli import ask as _ask  # noqa: F401
+    from pixlocal.cli import quantize as _  # noqa: F401  (registers quantize and verify)
     from pixlocal.cli.app import app
     return app
 
