@@ -59,9 +59,9 @@ def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
-def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+def _timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
     t = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - t
 
 
@@ -103,8 +103,8 @@ def bench_decode(M: int, K: int, spec: QuantSpec, repeats: int, pool: int) -> di
     theirs[0][0](x)
     t_ours, t_torch = [], []
     for r in range(repeats * copies):  # interleaved: ours, torch, ours, ...
-        t_ours.append(_timed(lambda: cpu.gemv(x, ours[r % len(ours)])))
-        t_torch.append(_timed(lambda: theirs[r % len(theirs)][0](x)))
+        t_ours.append(_timed(cpu.gemv, x, ours[r % len(ours)]))
+        t_torch.append(_timed(theirs[r % len(theirs)][0], x))
     mo, mt = statistics.median(t_ours), statistics.median(t_torch)
     return {"shape": [M, K], "scheme": spec.name, "copies": copies,
             "ours_ms": mo * 1e3, "ours_gbps": first.nbytes / mo / 1e9, "ours_bytes": first.nbytes,
@@ -139,8 +139,8 @@ def crossover(M: int, K: int, spec: QuantSpec, repeats: int) -> list[dict]:
         x = torch.randn(L, K, generator=g).bfloat16()
         cpu.gemv(x, pq)
         cpu.prefill(x, pq)
-        tg = statistics.median(_timed(lambda: cpu.gemv(x, pq)) for _ in range(repeats))
-        tp = statistics.median(_timed(lambda: cpu.prefill(x, pq)) for _ in range(repeats))
+        tg = statistics.median(_timed(cpu.gemv, x, pq) for _ in range(repeats))
+        tp = statistics.median(_timed(cpu.prefill, x, pq) for _ in range(repeats))
         rows.append({"L": L, "gemv_ms": tg * 1e3, "prefill_ms": tp * 1e3})
     return rows
 

@@ -93,11 +93,15 @@ def test_prefill_tiles_cover_all_rows(monkeypatch):
 
 def test_quantize_activation_matches_ref():
     x = _x(5, 256, torch.float32) * torch.tensor([0.0] * 32 + [1.0] * 224)  # a zero group
-    x[0, 40] = 2.5 * (x[0, 32:64].abs().max() / 127)  # exactly half-way: ties go to even
-    for got, want in zip(cpu.quantize_activation(x, 32), ref.quantize_activation(x, 32)):
-        assert got.dtype == want.dtype and torch.equal(got, want)
-    a, d, s = ref.quantize_activation(x, 32)
-    assert (d[:, 0] == 0).all() and (a[:, :32] == 0).all() and a.abs().max() == 127
+    x[0, 32:64] = x[0, 32:64].clamp(-100, 100)
+    x[0, 33], x[0, 40], x[0, 41], x[0, 42] = 127.0, 2.5, 3.5, -2.5  # d = 1: exact ties
+    got, want = cpu.quantize_activation(x, 32), ref.quantize_activation(x, 32)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    a, d, s = got
+    assert (d[:, 0] == 0).all() and (a[:, :32] == 0).all() and d[0, 1] == 1.0
+    assert a[0, 40:43].tolist() == [2, 4, -2]  # round half to even
+    assert torch.equal(s, a.view(5, 8, 32).sum(-1, dtype=torch.int32))
 
 
 def test_int8_bfloat16_scales():
