@@ -56,7 +56,8 @@ class QLinear(nn.Module):
     def prepared(self) -> object:
         """The weight as the backend's kernels read it; prepared once per set of buffers."""
         key = (self.qweight, self.scales, self.zeros, self.backend)
-        if self._prepared is None or any(a is not b for a, b in zip(self._prepared[0], key, strict=True)):
+        old = self._prepared
+        if old is None or any(a is not b for a, b in zip(old[0], key, strict=True)):
             self._prepared = (key, kernels.prepare(self.qtensor(), self.backend))
         return self._prepared[1]
 
