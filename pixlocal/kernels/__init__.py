@@ -34,8 +34,8 @@ def prepare(q: QTensor, backend: str = "ref") -> Any:
 
 
 def qmatmul(x: torch.Tensor, q: Any, backend: str = "ref") -> torch.Tensor:
-    """x (L, K) @ dequantize(q).T → (L, M) float32, by `backend`; q a QTensor or the result
-    of prepare(q, backend)."""
+    """x (L, K) @ dequantize(q).T → (L, M) by `backend`, float32 (a backend may answer
+    bfloat16 for bfloat16 x: cpu's prefill does); q a QTensor or prepare(q, backend)."""
     out: torch.Tensor = backend_module(backend).qmatmul(x, q)
     return out
 

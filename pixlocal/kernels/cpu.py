@@ -39,7 +39,7 @@ from . import llir
 
 PREFILL_MIN = 8  # more tokens than this: tiles + GEMM (crossover measured by bench/kernels.py)
 ROW_BLOCK = 64  # rows per prange task
-TILE_BYTES = 4 << 20  # dequantized tile size for prefill
+TILE_BYTES = 8 << 20  # dequantized tile for prefill (~800 rows of K=5120 in bf16: fastest GEMM)
 _FEAT = llvm.get_host_cpu_features()
 SIMD = 64 if _FEAT.get("avx512bw") else 32 if _FEAT.get("avx2") else 0  # vector bytes
 
@@ -55,6 +55,12 @@ def physical_cores() -> int:
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
     allowed = allowed or os.cpu_count() or 1
     return max(1, min(len(cores) or allowed, allowed))
+
+
+# numba's "omp" layer, next to torch's own OpenMP runtime, ran 2-thread kernels at a third of
+# 1-thread speed here (bench/kernels.py); "workqueue" does not spin. NUMBA_THREADING_LAYER wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 def set_threads(n: int | None = None) -> int:
@@ -282,24 +288,26 @@ def dequantize_rows(q: QTensor | CpuQ, r0: int, r1: int,
 
 
 def prefill(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
-    """x (L, K) @ W.T → (L, M) float32 by tiles: dequantize rows, torch GEMM. bfloat16 x
-    multiplies bfloat16 tiles (output rounded to bfloat16); any other x float32 tiles."""
+    """x (L, K) @ W.T → (L, M) by tiles of rows: dequantize, then torch GEMM into the rows of a
+    (M, L) result (contiguous writes; the (L, M) transpose view is returned). bfloat16 x meets
+    bfloat16 tiles and gets a bfloat16 result; any other x float32 tiles and result."""
     pq = prepare(q)
     M, K = pq.shape
     bf = x.dtype == torch.bfloat16
-    xx = x.contiguous() if bf else x.float().contiguous()
+    xt = (x if bf else x.float()).T  # (K, L)
     rows = max(16, TILE_BYTES // (K * (2 if bf else 4)))
     buf = np.empty((min(rows, M), K), np.uint16 if bf else np.float32)
-    out = torch.empty(x.shape[0], M, dtype=torch.float32)
+    out = torch.empty(M, x.shape[0], dtype=torch.bfloat16 if bf else torch.float32)  # (M, L)
     for r0 in range(0, M, rows):
         n = min(rows, M - r0)
         _dequant_into(pq, r0, buf[:n])
         w = torch.from_numpy(buf[:n])
-        out[:, r0:r0 + n] = xx @ (w.view(torch.bfloat16) if bf else w).T
-    return out
+        torch.mm(w.view(torch.bfloat16) if bf else w, xt, out=out[r0:r0 + n])
+    return out.T
 
 
 def qmatmul(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
-    """x (L, K) @ W.T → (L, M) float32: gemv for L <= PREFILL_MIN, else prefill."""
+    """x (L, K) @ W.T → (L, M): gemv (float32) for L <= PREFILL_MIN, else prefill (float32, or
+    bfloat16 for bfloat16 x)."""
     assert x.dim() == 2 and x.shape[1] == q.shape[1], (tuple(x.shape), q.shape)
     return gemv(x, q) if x.shape[0] <= PREFILL_MIN else prefill(x, q)

@@ -51,8 +51,8 @@ def dequantize_rows(q: QTensor, r0: int, r1: int,
 
 
 def prefill(x: torch.Tensor, q: QTensor) -> torch.Tensor:
-    """x (L, K) @ W.T → (L, M) float32: bfloat16 x times bfloat16 weights (output rounded to
-    bfloat16), any other x in float32."""
+    """x (L, K) @ W.T → (L, M): bfloat16 x times bfloat16 weights gives bfloat16, any other x
+    is multiplied in float32 and gives float32."""
     if x.dtype == torch.bfloat16:
-        return (x @ dequantize(q, torch.bfloat16).to(x.device).T).float()
+        return x @ dequantize(q, torch.bfloat16).to(x.device).T
     return qmatmul(x, q)
