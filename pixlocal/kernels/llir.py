@@ -15,6 +15,9 @@ from llvmlite import ir
 
 Codegen = Callable[[Any, ir.IRBuilder, Any, list], ir.Value]
 
+# Software prefetch distance of the weight stream: 2048 bytes ahead took int4 decode from
+# ~9 to ~12 GB/s here (1024: ~11, 4096: same as 2048); prefetches past the end never fault.
+PREFETCH = 2048
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _FC = ("contract",)  # let LLVM fuse multiply and add into an FMA
 _MADDUBS = {64: "llvm.x86.avx512.pmaddubs.w.512", 32: "llvm.x86.avx2.pmadd.ub.sw"}
@@ -60,6 +63,12 @@ class _IR:
         self.b.store(ir.Constant(ty, None), p)
         return p
 
+    def prefetch(self, i: int, off: ir.Value) -> None:
+        """Hint a read of array i at element off (PREFETCH bytes ahead of the stream)."""
+        p = self.ptr(i, self.b.add(off, self.k(PREFETCH)), _I8)
+        pf = self.fn("llvm.prefetch.p0i8", ir.VoidType(), _I8.as_pointer(), _I32, _I32, _I32)
+        self.b.call(pf, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
     def fma_into(self, acc: ir.Value, x: ir.Value, y: ir.Value) -> None:
         b = self.b
         b.store(b.fadd(b.load(acc), b.fmul(x, y, flags=_FC), flags=_FC), acc)
@@ -103,6 +112,8 @@ def q4dot(W: int) -> Codegen:
         def body(c):
             off = b.mul(c, x.k(W))
             v = x.load(0, b.add(args[1], off), _vt(W, _I8))
+            if PREFETCH:
+                x.prefetch(0, b.add(args[1], off))
             p = b.add(b.call(mub, [b.and_(v, _vc(W, _I8, 15)), x.load(2, off, _vt(W, _I8))]),
                       b.call(mub, [b.lshr(v, _vc(W, _I8, 4)), x.load(3, off, _vt(W, _I8))]))
             dots = b.sitofp(b.call(mwd, [p, _vc(W // 2, _I16, 1)]), _vt(nl, _F32))
@@ -137,6 +148,8 @@ def q8dot(W: int) -> Codegen:
             def chunk(c):
                 off = b.add(base, b.mul(c, x.k(nw)))
                 w = b.sext(x.load(0, b.add(args[1], off), _vt(nw, _I8)), _vt(nw, _I16))
+                if PREFETCH:
+                    x.prefetch(0, b.add(args[1], off))
                 b.store(b.add(b.load(isum), b.call(mwd, [w, x.load(2, off, _vt(nw, _I16))])),
                         isum)
 
