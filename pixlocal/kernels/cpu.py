@@ -76,6 +76,8 @@ def set_threads(n: int | None = None) -> int:
 THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
+# numba's cache is keyed on the contents of this file only: bump with every llir.py change.
+_LLIR_REVISION = 2
 
 @intrinsic
 def _q4dot(typingctx, qw, qoff, lo, hi, f, nchunks, g):

@@ -2,8 +2,8 @@
 numba @intrinsic). Each function returns a codegen(context, builder, signature, args) for
 array and integer arguments; W is the vector width in bytes (64: AVX-512BW, 32: AVX2).
 
-numba's cache keys on cpu.py's source: after editing this file, touch cpu.py (or clear
-pixlocal/kernels/__pycache__) so the kernels are compiled again.
+numba's cache is keyed on cpu.py's contents, not this file's: after editing this file bump
+cpu._LLIR_REVISION (or clear pixlocal/kernels/__pycache__) so the kernels compile again.
 """
 
 from __future__ import annotations
