@@ -122,9 +122,15 @@ def test_prepare_is_zero_copy_and_dispatch():
     assert torch.equal(kernels.qmatmul(x, pq, "cpu"), kernels.qmatmul(x, q, "cpu"))
 
 
-def test_default_backend():
+def test_default_backend(monkeypatch):
+    monkeypatch.delenv("PIXLOCAL_BACKEND", raising=False)
     assert kernels.default_backend("cpu") == ("cpu" if cpu.SIMD else "ref")
     assert kernels.default_backend(torch.device("meta")) == "ref"
+    monkeypatch.setenv("PIXLOCAL_BACKEND", "ref")
+    assert kernels.default_backend("cpu") == "ref"
+    monkeypatch.setenv("PIXLOCAL_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown qmatmul backend"):
+        kernels.default_backend("cpu")
 
 
 def test_threads(monkeypatch):

@@ -10,6 +10,7 @@ A backend may repack a weight once: `prepare(q, backend)` returns what its kerne
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 

@@ -13,8 +13,8 @@ FMA; one horizontal sum per row. Vectors are 64 bytes (AVX-512BW) or 32 (AVX2), 
 the host; with neither, the scalar loop for tail groups does all the work (correct, slow).
 Rows are split over threads in blocks (prange); the tokens of one call share each row while it
 is in L1, so L tokens cost one pass over the weight.
-Prefill (L > PREFILL_MIN) is compute-bound: tiles of rows are dequantized (IR, exact) to
-bfloat16 (for bf16 x) or float32 and multiplied by torch's GEMM, tile after tile.
+Prefill (L > PREFILL_MIN[bits]) is compute-bound: tiles of rows are dequantized (IR, exact)
+to bfloat16 (for bf16 x) or float32 and multiplied by torch's GEMM, tile after tile.
 Every public function has a twin of the same name and signature in ref.py (plain torch).
 """
 
@@ -37,7 +37,9 @@ from . import llir
 
 # Shapes: L tokens · K in-features · M out-features · G group size · N = K // G · H = G / 2
 
-PREFILL_MIN = 8  # more tokens than this: tiles + GEMM (crossover measured by bench/kernels.py)
+# More tokens than this (per bit width): tiles + GEMM. bench/kernels.py's crossover, 14336x5120
+# g32, bf16 x, 2 threads: int4 gemv 18.1 vs prefill 19.2 ms at L=16; int8 20.8 vs 20.4 at L=8.
+PREFILL_MIN = {4: 16, 8: 8}
 ROW_BLOCK = 64  # rows per prange task
 TILE_BYTES = 8 << 20  # dequantized tile for prefill (~800 rows of K=5120 in bf16: fastest GEMM)
 _FEAT = llvm.get_host_cpu_features()
@@ -291,8 +293,9 @@ def dequantize_rows(q: QTensor | CpuQ, r0: int, r1: int,
 
 def prefill(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
     """x (L, K) @ W.T → (L, M) by tiles of rows: dequantize, then torch GEMM into the rows of a
-    (M, L) result (contiguous writes; the (L, M) transpose view is returned). bfloat16 x meets
-    bfloat16 tiles and gets a bfloat16 result; any other x float32 tiles and result."""
+    (M, L) result (contiguous writes: 25% faster than into (L, M) column slices), transposed
+    once at the end. bfloat16 x meets bfloat16 tiles and gets a bfloat16 result; any other x
+    float32 tiles and result."""
     pq = prepare(q)
     M, K = pq.shape
     bf = x.dtype == torch.bfloat16
@@ -305,11 +308,11 @@ def prefill(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
         _dequant_into(pq, r0, buf[:n])
         w = torch.from_numpy(buf[:n])
         torch.mm(w.view(torch.bfloat16) if bf else w, xt, out=out[r0:r0 + n])
-    return out.T
+    return out.T.contiguous()
 
 
 def qmatmul(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
-    """x (L, K) @ W.T → (L, M): gemv (float32) for L <= PREFILL_MIN, else prefill (float32, or
-    bfloat16 for bfloat16 x)."""
+    """x (L, K) @ W.T → (L, M): gemv (float32) for L <= PREFILL_MIN[bits], else prefill
+    (float32, or bfloat16 for bfloat16 x)."""
     assert x.dim() == 2 and x.shape[1] == q.shape[1], (tuple(x.shape), q.shape)
-    return gemv(x, q) if x.shape[0] <= PREFILL_MIN else prefill(x, q)
+    return gemv(x, q) if x.shape[0] <= PREFILL_MIN[q.spec.bits] else prefill(x, q)
