@@ -42,8 +42,12 @@ def qmatmul(x: torch.Tensor, q: Any, backend: str = "ref") -> torch.Tensor:
 
 
 def default_backend(device: str | torch.device) -> str:
-    """"cpu" for a CPU device when numba and a SIMD instruction set (AVX2/AVX-512) are there,
-    else "ref"."""
+    """$PIXLOCAL_BACKEND if set (e.g. "ref": exact float math, slow); else "cpu" for a CPU
+    device when numba and a SIMD instruction set (AVX2/AVX-512) are there, else "ref"."""
+    forced = os.environ.get("PIXLOCAL_BACKEND", "").strip()
+    if forced:
+        backend_module(forced)  # ValueError for an unknown name
+        return forced
     if torch.device(device).type != "cpu":
         return "cuda" if torch.device(device).type == "cuda" else "ref"
     try:
