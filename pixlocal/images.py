@@ -8,6 +8,7 @@ import base64
 import binascii
 import http.client
 import io
+import os
 import re
 import socket
 import ssl
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
 from pixlocal.errors import ImageError
 
@@ -44,8 +45,8 @@ def load_image(
     src: ImageSource,
     *,
     timeout: float = 30.0,
-    max_bytes: int = MAX_BYTES,
-    max_pixels: int = MAX_PIXELS,
+    max_bytes: int | None = None,
+    max_pixels: int | None = None,
 ) -> Image.Image:
     """Load and fully decode an image.
 
@@ -53,20 +54,37 @@ def load_image(
         src: a local path (str, Path or file:// URI), an http(s) URL, a data URI
             (``data:image/png;base64,...``), raw encoded bytes, or a PIL image (returned as is).
         timeout: seconds allowed for a whole download.
-        max_bytes: refuse encoded files, downloads and data URIs larger than this.
-        max_pixels: refuse images with more pixels than this (decompression bombs). Pillow's
-            own bomb check (2 x ``Image.MAX_IMAGE_PIXELS``) still applies above that.
+        max_bytes: refuse encoded files, downloads and data URIs larger than this (default:
+            $PIXLOCAL_MAX_IMAGE_BYTES, else MAX_BYTES).
+        max_pixels: refuse images with more pixels than this (decompression bombs; default:
+            $PIXLOCAL_MAX_PIXELS, else MAX_PIXELS). Pillow's own bomb check
+            (2 x ``Image.MAX_IMAGE_PIXELS``) still applies above that.
 
     Returns:
-        A loaded single-frame image (first frame of animations), EXIF orientation applied.
+        A loaded single-frame image (first frame of animations), EXIF orientation applied, in
+        a mode mistral-common's RGB conversion reads correctly (16-bit, 32-bit and float grey
+        rescaled to 8-bit L, LAB converted to RGB).
 
     Raises:
         ImageError: with a one-line message naming the source and the problem.
     """
     if isinstance(src, Image.Image):
         return src
+    max_bytes = _limit(max_bytes, "PIXLOCAL_MAX_IMAGE_BYTES", MAX_BYTES)
+    max_pixels = _limit(max_pixels, "PIXLOCAL_MAX_PIXELS", MAX_PIXELS)
     data, name = _read_source(src, timeout=timeout, max_bytes=max_bytes)
     return _decode(data, name, max_pixels)
+
+
+def _limit(value: int | None, env: str, default: int) -> int:
+    if value is not None:
+        return value
+    text = os.environ.get(env, "").replace("_", "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ImageError(f"${env}={os.environ[env]!r}: not a positive whole number")
+    return int(text)
 
 
 def _read_source(src: object, *, timeout: float, max_bytes: int) -> tuple[bytes, str]:
@@ -220,7 +238,7 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageError(
             f"{name}: too many pixels ({width}x{height} = {width * height:,}; "
-            f"the limit is {max_pixels:,})"
+            f"the limit is {max_pixels:,}, set by max_pixels or $PIXLOCAL_MAX_PIXELS)"
         )
     try:
         image.load()  # the first frame of an animation; truncated files fail here, not later
@@ -242,12 +260,30 @@ def _upright(image: Image.Image, name: str) -> Image.Image:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    # mistral-common's convert("RGBA") clips 16-bit grey to 0..255, which makes most of a 16-bit
-    # PNG or TIFF pure white; rescale to 8 bits first so the model sees the actual picture.
-    if not image.mode.startswith("I;16"):
+    # mistral-common's convert("RGBA") clips 16-bit, 32-bit and float grey to 0..255 (most of a
+    # 16-bit PNG or TIFF turns white, a 0..1 float TIFF black) and copies LAB's channels as if
+    # they were RGB. Bring those to 8 bits first so the model sees the actual picture.
+    if image.mode == "LAB":
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        return ImageCms.applyTransform(image, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    if image.mode.startswith("I;16"):
+        return _grey8(np.asarray(image, dtype=np.float64) / 257.0)
+    if image.mode not in ("I", "F"):
         return image
-    pixels = np.asarray(image, dtype=np.float32) / 257.0
-    return Image.fromarray(np.round(pixels).astype(np.uint8))  # 2-D uint8 -> mode "L"
+    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.where(np.isfinite(pixels), pixels, 0.0)  # NaN/inf in a float TIFF: black
+    lo, hi = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if lo >= 0 and hi <= (1.0 if image.mode == "F" else 0.0):
+        return _grey8(pixels * 255.0)  # float images in 0..1
+    if lo >= 0 and hi <= 255:
+        return _grey8(pixels)
+    if lo >= 0 and hi <= 65535:  # 16-bit data in a 32-bit container
+        return _grey8(pixels / 257.0)
+    return _grey8((pixels - lo) * (255.0 / (hi - lo)))  # anything else: stretched to 0..255
+
+
+def _grey8(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))  # 2-D -> "L"
 
 
 def _sniff(data: bytes) -> str | None:
