@@ -30,6 +30,7 @@ from .placement import (
     checkpoint_bytes,
     free_vram,
     image_tokens,
+    kv_bytes_per_layer,
     module_device,
     plan,
 )
@@ -140,6 +141,20 @@ class Pixtral:
         if n_prompt + max_tokens > limit:
             raise ContextOverflow(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) "
                                   f"exceeds the context window of {limit} tokens")
+        self._check_kv_memory(n_prompt + max_tokens)
+
+    def _check_kv_memory(self, tokens: int) -> None:
+        # The CPU cache grows on demand; a request whose cache cannot fit in the RAM still free
+        # is refused here, up front, instead of the OS killing the process mid-answer.
+        if self._cache is not None and tokens <= self._cache.capacity:
+            return  # allocated already
+        layers = sum(module_device(layer).type == "cpu" for layer in self.model.layers)
+        need = kv_bytes_per_layer(self.args, tokens, self.dtype.itemsize) * layers
+        free = available_ram() if need else None
+        if free is not None and need > free:
+            raise ContextOverflow(f"{self.path}: a KV cache for {tokens} tokens needs "
+                                  f"{need / 2**30:.1f} GiB of RAM but {free / 2**30:.1f} GiB "
+                                  "is available; lower max_tokens or shorten the prompt")
 
     def _keys_of(self, enc: Encoded) -> list[Key]:
         img_id = self.encoder.img_id
@@ -283,6 +298,18 @@ class ChatSession:
                 yield step
         finally:
             self.messages.append({"role": "assistant", "content": "".join(parts)})
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the kernel can hand out now (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "bfloat16",
