@@ -12,6 +12,7 @@ tensor's bytes are appended in order, so a 25 GB file needs one tensor in RAM at
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -54,11 +55,14 @@ class SafetensorsFile:
                                   "bytes): truncated or not safetensors")
             try:
                 header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 raise FormatError(f"{self.path}: header is not valid JSON") from None
             if not isinstance(header, dict):
                 raise FormatError(f"{self.path}: header is not a JSON object")
             self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            if not (isinstance(self.metadata, dict) and all(
+                    isinstance(v, str) for v in self.metadata.values())):
+                raise FormatError(f"{self.path}: __metadata__ is not a map of strings")
             self.entries = self._validate(header, size - 8 - n)
             self._base = 8 + n
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
@@ -70,12 +74,15 @@ class SafetensorsFile:
                 dtype, shape, (lo, hi) = e["dtype"], e["shape"], e["data_offsets"]
             except (TypeError, KeyError, ValueError):
                 raise FormatError(f"{self.path}: tensor {name!r} has a malformed entry") from None
-            if dtype not in DTYPES:
-                raise FormatError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
-            if not all(isinstance(s, int) and s >= 0 for s in shape):
-                raise FormatError(f"{self.path}: tensor {name!r} has a bad shape {shape}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
-            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
+            if not isinstance(dtype, str) or dtype not in DTYPES:
+                raise FormatError(f"{self.path}: tensor {name!r} has unsupported dtype "
+                                  f"{repr(dtype)[:40]}")
+            if not (isinstance(shape, list) and all(
+                    type(s) is int and s >= 0 for s in shape)):
+                raise FormatError(f"{self.path}: tensor {name!r} has a bad shape "
+                                  f"{str(shape)[:80]}")
+            nbytes = math.prod(shape) * DTYPES[dtype][1]  # Python ints: a lying shape can't wrap
+            if not (type(lo) is int and type(hi) is int and 0 <= lo <= hi):
                 raise FormatError(f"{self.path}: tensor {name!r} has bad offsets {lo}, {hi}")
             if hi - lo != nbytes:
                 raise FormatError(f"{self.path}: tensor {name!r} is {hi - lo} bytes but "
@@ -103,7 +110,7 @@ class SafetensorsFile:
         """A read-only view of the mapped bytes (copy it before writing to it)."""
         e = self.entries[name]
         lo, hi = e["data_offsets"]
-        t, _ = DTYPES[e["dtype"]]
+        t, size = DTYPES[e["dtype"]]
         if hi == lo:
             return torch.empty(e["shape"], dtype=t)
         assert self._mmap is not None
@@ -112,7 +119,9 @@ class SafetensorsFile:
         with warnings.catch_warnings():  # the map is read-only; callers never write in place
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(buf, dtype=torch.uint8)
-        return flat.view(t).reshape(e["shape"])
+        view = flat.view(t).reshape(e["shape"])
+        # safetensors does not promise aligned offsets; kernels may assume aligned rows
+        return view.clone() if (self._base + lo) % size else view
 
     def release(self, name: str) -> None:
         """Unmap the pages of tensor `name` from this process (they stay in the OS page cache
