@@ -117,6 +117,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if shape != tuple(p.shape):
             raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(shape)}, "
                               f"{_config_name(model_dir)} implies {list(p.shape)}")
+        if not ckpt.dtype(name).is_floating_point:  # would be cast to garbage weights
+            raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} is stored as "
+                              f"{ckpt.dtype(name)}, not a float type: corrupt header")
         state[name] = ckpt.get(name).to(device=dev, dtype=dt)
     extra = sorted(set(ckpt.names()) - set(state) - used)
     if extra:
