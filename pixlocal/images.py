@@ -199,8 +199,10 @@ def _network_problem(reason: object, timeout: float) -> str:
 def _read_response(response: BinaryIO, name: str, max_bytes: int, timeout: float) -> bytes:
     # Chunked, so that neither a lying Content-Length nor a server that trickles bytes forever
     # (the socket timeout only bounds each read) can hold us beyond max_bytes or the timeout.
+    # read1: one socket read at a time; read(n) would wait for all n bytes of a trickle.
     deadline, buffer = time.monotonic() + timeout, bytearray()
-    while chunk := response.read(_CHUNK):
+    read = getattr(response, "read1", response.read)
+    while chunk := read(_CHUNK):
         buffer += chunk
         _check_bytes(len(buffer), max_bytes, name, exact=False)
         if time.monotonic() > deadline:
