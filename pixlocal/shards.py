@@ -178,7 +178,7 @@ class StreamingWriter:
             assert t.dtype == dtype, (name, t.dtype, dtype)
             t = t.detach().contiguous().cpu()
             if t.numel():
-                self._f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             n += t.numel() * t.element_size()
         assert n == want, f"{name}: wrote {n} bytes, expected {want}"
         self._i += 1
