@@ -192,7 +192,8 @@ def read_quant_index(model_dir: Path) -> dict:
         d = json.loads(index.read_text())
         md, shards, weight_map = d["metadata"], d["shards"], d["weight_map"]
         sizes = {str(k): int(v["size"]) for k, v in shards.items()}
-        if not isinstance(weight_map, dict) or not isinstance(md, dict):
+        if not (isinstance(weight_map, dict) and isinstance(md, dict) and all(
+                isinstance(v, str) for v in [*weight_map.values(), *md.values()])):
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
             ValueError, AttributeError):
