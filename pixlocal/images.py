@@ -221,21 +221,27 @@ def _size(n: int) -> str:
 
 
 def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    # Pillow warns (UserWarning) about odd tags and corrupt EXIF of damaged files: the library
+    # never prints, and such a file either decodes or becomes an ImageError below.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _decode_quietly(data, name, max_pixels)
+
+
+def _decode_quietly(data: bytes, name: str, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageError(f"{name}: empty (0 bytes)")
     kind = _sniff(data)
-    # We check the pixel count ourselves against max_pixels; PIL's warning would only be noise.
-    # PIL raises a bare variety of exceptions on hostile data (OSError, SyntaxError,
+    # We check the pixel count ourselves against max_pixels (PIL's bomb warning is silenced
+    # above). PIL raises a bare variety of exceptions on hostile data (OSError, SyntaxError,
     # struct.error, ...), hence the broad excepts below: every failure must be an ImageError.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError:
-            limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-            raise ImageError(f"{name}: too many pixels (Pillow's limit is {limit:,})") from None
-        except Exception as e:
-            raise ImageError(_unreadable(name, kind, data, e)) from None
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise ImageError(f"{name}: too many pixels (Pillow's limit is {limit:,})") from None
+    except Exception as e:
+        raise ImageError(_unreadable(name, kind, data, e)) from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(
@@ -281,6 +287,8 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         return _grey8(pixels)
     if lo >= 0 and hi <= 65535:  # 16-bit data in a 32-bit container
         return _grey8(pixels / 257.0)
+    if hi == lo:  # one value outside 0..65535: a flat picture, shown mid-grey
+        return _grey8(np.full(pixels.shape, 128.0))
     return _grey8((pixels - lo) * (255.0 / (hi - lo)))  # anything else: stretched to 0..255
 
 

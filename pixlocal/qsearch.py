@@ -22,6 +22,7 @@ from .qformat import (
 # selection uses float arithmetic only (argmin over dim 0, where() and bool masks are an
 # order of magnitude slower in torch on CPU).
 _Scratch = dict[str, torch.Tensor]
+_TINY = torch.finfo(torch.float32).tiny  # 1/s stays finite; a larger floor rounds tiny groups
 
 
 def scratch(ws: _Scratch, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -147,7 +148,7 @@ def int8_groups(w: torch.Tensor, search: bool, dtype: torch.dtype,
     s_nz = s + (1 - torch.sign(s)) * _F16_NORMAL[1]  # zero scales don't count
     fits_f16 = s_nz.min().item() >= _F16_NORMAL[0] and s.max().item() <= _F16_NORMAL[1]
     s = s.to(dtype)
-    torch.mul(w, 1 / s.float().clamp(min=1e-30), out=q).round_().clamp_(-127, 127)
+    torch.mul(w, 1 / s.float().clamp(min=_TINY), out=q).round_().clamp_(-127, 127)
     return q, s, fits_f16
 
 
