@@ -277,7 +277,7 @@ def test_safetensors_header_fields_replaced(tmp_path, small_safetensors, data):
 
 @pytest.fixture(scope="module")
 def quantized_dir(tmp_path_factory, tiny_ckpt):
-    from quant.convert import quantize_checkpoint
+    from pixlocal.quant import quantize_checkpoint
     out = tmp_path_factory.mktemp("q") / "q4"
     quantize_checkpoint(tiny_ckpt, out, bits=4)
     return out

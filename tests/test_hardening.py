@@ -472,3 +472,60 @@ def test_max_tokens_bounds_on_the_command_line(tmp_path, tiny_ckpt, sample_png):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert r.exit_code == 1 and len(records) == 2
     assert all("context window" in rec["error"] for rec in records)
+
+
+# ---- quantized dirs: version and checksums ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q4(tmp_path_factory, tiny_ckpt):
+    from pixlocal.quant import quantize_checkpoint
+    out = tmp_path_factory.mktemp("q") / "q4"
+    quantize_checkpoint(tiny_ckpt, out, bits=4)
+    return out
+
+
+def _no_model_built(monkeypatch) -> list:
+    import pixlocal.loader as loader
+    built: list = []
+    monkeypatch.setattr(loader, "PixtralModel", lambda *a: built.append(a))
+    return built
+
+
+@pytest.mark.parametrize("where", ["index", "shard"])
+def test_unknown_format_version_is_refused_before_compute(q4, tmp_path, monkeypatch, where):
+    from pixlocal.checkpoint import QUANT_INDEX
+    d = _copy(q4, tmp_path)
+    index = json.loads((d / QUANT_INDEX).read_text())
+    shard = d / sorted(index["shards"])[0]
+    if where == "index":
+        index["metadata"]["format_version"] = "7"
+        named = QUANT_INDEX
+    else:
+        f = SafetensorsFile(shard)
+        tensors, md = {k: f.get(k).clone() for k in f.keys()}, {**f.metadata}
+        del f
+        save_file(tensors, shard, {**md, "format_version": "7"})
+        index["shards"][shard.name]["size"] = shard.stat().st_size
+        named = shard.name
+    (d / QUANT_INDEX).write_text(json.dumps(index))
+    built = _no_model_built(monkeypatch)
+    with pytest.raises(FormatError) as e:
+        pixlocal.load(d, dtype="float32")
+    assert "format_version 7" in str(e.value) and named in str(e.value) and not built
+
+
+def test_a_wrong_checksum_is_found_by_verify(q4, tmp_path):
+    from pixlocal.checkpoint import QUANT_INDEX
+    from pixlocal.quant import verify_dir
+    d = _copy(q4, tmp_path)
+    index = json.loads((d / QUANT_INDEX).read_text())
+    shard = d / sorted(index["shards"])[-1]
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0x10  # tensor data, size unchanged: only a hash can tell
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(FormatError) as e:
+        verify_dir(d)
+    assert shard.name in str(e.value) and "sha256" in str(e.value)
+    m = pixlocal.load(d, dtype="float32")  # loading does not hash; the flipped weight still runs
+    assert 1 <= len(list(m.stream([{"role": "user", "content": "hi"}], max_tokens=3))) <= 3
