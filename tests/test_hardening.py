@@ -516,8 +516,9 @@ def test_unknown_format_version_is_refused_before_compute(q4, tmp_path, monkeypa
 
 
 def test_a_wrong_checksum_is_found_by_verify(q4, tmp_path):
-    from pixlocal.checkpoint import QUANT_INDEX
     from pixlocal.quant import verify_dir
+
+    from pixlocal.checkpoint import QUANT_INDEX
     d = _copy(q4, tmp_path)
     index = json.loads((d / QUANT_INDEX).read_text())
     shard = d / sorted(index["shards"])[-1]
