@@ -146,7 +146,7 @@ def summarize(records_path: Path, good: list[Path], bad: list[Path], samples: li
     # RSS swings by the transient activations of whichever image is in flight, so compare
     # windows: the samples of the first `window` records after warm-up against those of the
     # last `window` records; a leak raises both the median and the top of the window.
-    window = max(5, (len(good) + len(bad) - warmup) // 5)
+    window = max(10, (len(good) + len(bad) - warmup) // 5)
     first = [s[2] for s in samples if warmup <= s[1] < warmup + window]
     last = [s[2] for s in samples if s[1] >= len(records) - window]
     start = end = peak_start = peak_end = growth = peak_growth = None

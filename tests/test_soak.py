@@ -22,7 +22,7 @@ def soak():
 
 
 def test_caption_40_images_loses_nothing_and_rss_stays_flat(soak, tiny_ckpt, tmp_path):
-    s = soak.soak(tiny_ckpt, tmp_path / "soak", 40, max_tokens=8, interval=0.1, warmup=10,
+    s = soak.soak(tiny_ckpt, tmp_path / "soak", 40, max_tokens=8, interval=0.05, warmup=10,
                   max_growth_mib=48.0, max_side=256)
     assert s["problems"] == [], s
     assert (s["images"], s["records"], s["captioned"], s["errors"]) == (44, 44, 40, 4)
@@ -31,7 +31,7 @@ def test_caption_40_images_loses_nothing_and_rss_stays_flat(soak, tiny_ckpt, tmp
 
 def test_the_soak_check_catches_lost_records_and_growth(soak, tmp_path):
     """The judge itself: a missing record, a missing error, and RSS growth are all reported."""
-    good, bad = soak.make_images(tmp_path / "imgs", 3, max_side=16)
+    good, bad = soak.make_images(tmp_path / "imgs", 30, max_side=16)
     out = tmp_path / "c.jsonl"
     lines = [f'{{"path": "{p}", "caption": "x"}}' for p in good[1:]]
     lines += [f'{{"path": "{p}", "error": "broken"}}' for p in bad]
