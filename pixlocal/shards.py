@@ -80,10 +80,11 @@ class SafetensorsFile:
             if not (isinstance(shape, list) and all(
                     type(s) is int and s >= 0 for s in shape)):
                 raise FormatError(f"{self.path}: tensor {name!r} has a bad shape "
-                                  f"{str(shape)[:80]}")
+                                  f"{repr(shape)[:80]}")
             nbytes = math.prod(shape) * DTYPES[dtype][1]  # Python ints: a lying shape can't wrap
             if not (type(lo) is int and type(hi) is int and 0 <= lo <= hi):
-                raise FormatError(f"{self.path}: tensor {name!r} has bad offsets {lo}, {hi}")
+                raise FormatError(f"{self.path}: tensor {name!r} has bad offsets "
+                                  f"{repr(e['data_offsets'])[:60]}")
             if hi - lo != nbytes:
                 raise FormatError(f"{self.path}: tensor {name!r} is {hi - lo} bytes but "
                                   f"{dtype}{shape} needs {nbytes}")
