@@ -41,13 +41,15 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 def main() -> None:
     # each command module registers its commands on `app` when imported; one line per module
-    from . import ask  # noqa: F401
-    from . import bench  # noqa: F401
-    from . import caption  # noqa: F401
-    from . import chat  # noqa: F401
-    from . import doctor  # noqa: F401
-    from . import models  # noqa: F401
-    from . import quantize  # noqa: F401
+    from . import (
+        ask,  # noqa: F401
+        bench,  # noqa: F401
+        caption,  # noqa: F401
+        chat,  # noqa: F401
+        doctor,  # noqa: F401
+        models,  # noqa: F401
+        quantize,  # noqa: F401
+    )
     app()
 
 

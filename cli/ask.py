@@ -10,7 +10,18 @@ from typing import Annotated, Any
 import typer
 
 from .app import app, err, user_errors
-from .common import DeviceOpt, DtypeOpt, MaxImageOpt, ModelOpt, load_model, stats_line, timings
+from .common import (
+    ContextOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GpuLayersOpt,
+    MaxImageOpt,
+    MaxVramOpt,
+    ModelOpt,
+    load_model,
+    stats_line,
+    timings,
+)
 
 
 def read_prompt(prompt: str) -> str:
@@ -34,7 +45,10 @@ def ask(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     max_image_size: MaxImageOpt = None,
     dtype: DtypeOpt = "bfloat16",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
+    gpu_layers: GpuLayersOpt = "auto",
+    max_vram: MaxVramOpt = None,
+    context: ContextOpt = 32768,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Ask about images; the answer streams to stdout, status and speed go to stderr."""
@@ -54,7 +68,8 @@ def ask(
             messages.insert(0, {"role": "system", "content": system})
 
         m, load_s, _ = load_model(model, device=device, dtype=dtype,
-                                  max_image_size=max_image_size)
+                                  max_image_size=max_image_size, gpu_layers=gpu_layers,
+                                  max_vram=max_vram, context=context)
         enc = m.encode(messages)
         steps = m.stream_encoded(enc, max_tokens=max_tokens, temperature=temperature,
                                  top_p=top_p, top_k=top_k, seed=seed)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from .app import app, err, user_errors
+from .common import ContextOpt, DeviceOpt, GpuLayersOpt, MaxVramOpt, placement_kw
 
 
 def decode_bytes_per_token(model: Any) -> int:
@@ -36,14 +37,17 @@ def _median(xs: list[float]) -> float:
 
 
 def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, reps: int,
-              device: str, dtype: str, max_image_size: int | None) -> dict[str, Any]:
+              device: str, dtype: str, max_image_size: int | None,
+              **placement: Any) -> dict[str, Any]:
+    """`placement`: gpu_layers, max_vram, context_len as pixlocal.load takes them."""
     import torch
 
     import pixlocal
     from pixlocal.prompt import Encoded
 
     t0 = time.perf_counter()
-    m = pixlocal.load(model_dir, device=device, dtype=dtype, max_image_size=max_image_size)
+    m = pixlocal.load(model_dir, device=device, dtype=dtype, max_image_size=max_image_size,
+                      **placement)
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()  # first forward: numba JIT (or its cache), torch's lazy init
@@ -88,7 +92,9 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
 
 @app.command()
 def bench(
-    model: Annotated[str, typer.Argument(help="Model directory or registry name.")],
+    model: Annotated[str | None, typer.Argument(
+        help="Model directory or registry NAME[:VARIANT] (default: $PIXLOCAL_MODEL, then the "
+        "registry default).")] = None,
     n_prompt: Annotated[int, typer.Option("-p", "--n-prompt", min=2,
                                           help="Prompt tokens to prefill.")] = 512,
     n_gen: Annotated[int, typer.Option("-n", "--n-gen", min=0,
@@ -98,7 +104,10 @@ def bench(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
     reps: Annotated[int, typer.Option("-r", "--reps", min=1, help="Repetitions.")] = 3,
     max_image_size: Annotated[int | None, typer.Option(help="Longest image side.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    device: DeviceOpt = "auto",
+    gpu_layers: GpuLayersOpt = "auto",
+    max_vram: MaxVramOpt = None,
+    context: ContextOpt = 32768,
     dtype: Annotated[str, typer.Option(help="Activation dtype.")] = "bfloat16",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -108,11 +117,13 @@ def bench(
             os.environ["PIXLOCAL_THREADS"] = str(threads)
             import torch
             torch.set_num_threads(threads)
-        from pixlocal.loader import resolve_dir
-        model_dir = resolve_dir(model)
+        from pixlocal.registry import resolve
+        kw = placement_kw(gpu_layers, max_vram, context)
+        model_dir = resolve(model).path
         with err.status("benchmarking …"):
             r = run_bench(str(model_dir), n_prompt=n_prompt, n_gen=n_gen, image=image,
-                          reps=reps, device=device, dtype=dtype, max_image_size=max_image_size)
+                          reps=reps, device=device, dtype=dtype, max_image_size=max_image_size,
+                          **kw)
         if as_json:
             sys.stdout.write(json.dumps(r) + "\n")
             return

@@ -33,7 +33,16 @@ from rich.progress import (
 from rich.text import Text
 
 from .app import app, err, user_errors
-from .common import DeviceOpt, DtypeOpt, MaxImageOpt, ModelOpt, load_model
+from .common import (
+    ContextOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GpuLayersOpt,
+    MaxImageOpt,
+    MaxVramOpt,
+    ModelOpt,
+    load_model,
+)
 
 if TYPE_CHECKING:
     from pixlocal.generate import Pixtral
@@ -194,7 +203,10 @@ def caption(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     max_image_size: MaxImageOpt = None,
     dtype: DtypeOpt = "bfloat16",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
+    gpu_layers: GpuLayersOpt = "auto",
+    max_vram: MaxVramOpt = None,
+    context: ContextOpt = 32768,
 ) -> None:
     """Caption every image in folders or files; one record per image."""
     if fmt not in ("jsonl", "csv", "txt"):
@@ -220,7 +232,8 @@ def caption(
                           if files else "no images found")
                 return
             m, load_s, label = load_model(model, device=device, dtype=dtype,
-                                          max_image_size=max_image_size)
+                                          max_image_size=max_image_size, gpu_layers=gpu_layers,
+                                          max_vram=max_vram, context=context)
             err.print(f"[dim]{label} loaded in {load_s:.1f} s · {len(todo)} image(s)"
                       + (f", {skipped} already done" if skipped else "") + "[/dim]")
             _run(m, todo, sink, prompt, system, skipped,

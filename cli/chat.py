@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from .app import app, err, user_errors
-from .common import DeviceOpt, DtypeOpt, MaxImageOpt, ModelOpt, load_model, stats_line
+from .common import (
+    ContextOpt,
+    DeviceOpt,
+    DtypeOpt,
+    GpuLayersOpt,
+    MaxImageOpt,
+    MaxVramOpt,
+    ModelOpt,
+    load_model,
+    stats_line,
+)
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -240,7 +250,10 @@ def chat(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     max_image_size: MaxImageOpt = None,
     dtype: DtypeOpt = "bfloat16",
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
+    gpu_layers: GpuLayersOpt = "auto",
+    max_vram: MaxVramOpt = None,
+    context: ContextOpt = 32768,
 ) -> None:
     """Chat about images in a streaming REPL (/help lists its commands)."""
     with user_errors():
@@ -249,7 +262,8 @@ def chat(
 
         first = [(s, load_image(s)) for s in images or []]
         m, load_s, label = load_model(model, device=device, dtype=dtype,
-                                      max_image_size=max_image_size)
+                                      max_image_size=max_image_size, gpu_layers=gpu_layers,
+                                      max_vram=max_vram, context=context)
         repl = Repl(m, label, system, dict(max_tokens=max_tokens, temperature=temperature,
                                            top_p=top_p, top_k=top_k, seed=seed))
         repl.pending = first

@@ -16,21 +16,41 @@ ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="Model directory, or a name/alias from models.toml (NAME[:VARIANT]); "
     "default: $PIXLOCAL_MODEL, then the registry default.")]
 DtypeOpt = Annotated[str, typer.Option(help="bfloat16 or float32.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+DeviceOpt = Annotated[str, typer.Option(
+    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")]
+GpuLayersOpt = Annotated[str, typer.Option(
+    help="Decoder layers on the GPU: N, or auto (as many as fit; the rest run on the CPU).")]
+MaxVramOpt = Annotated[float | None, typer.Option(
+    min=0.0, help="Use at most this much VRAM, GiB (default: what is free).")]
+ContextOpt = Annotated[int, typer.Option(
+    min=1, help="Context length the GPU's KV cache is planned for (tokens).")]
 MaxImageOpt = Annotated[int | None, typer.Option(
     help="Lower the longest image side (e.g. 512) to cut prefill time.")]
 
 
-def load_model(ref: str | None, *, device: str, dtype: str,
-               max_image_size: int | None = None) -> tuple[Pixtral, float, str]:
+def placement_kw(gpu_layers: str, max_vram: float | None, context: int) -> dict[str, Any]:
+    """--gpu-layers/--max-vram/--context as pixlocal.load's keywords."""
+    if gpu_layers != "auto" and not gpu_layers.isdigit():
+        raise typer.BadParameter(f"{gpu_layers!r} is not a number or auto",
+                                 param_hint="--gpu-layers")
+    return {"gpu_layers": "auto" if gpu_layers == "auto" else int(gpu_layers),
+            "max_vram": None if max_vram is None else int(max_vram * 2**30),
+            "context_len": context}
+
+
+def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int | None = None,
+               gpu_layers: str = "auto", max_vram: float | None = None,
+               context: int = 32768) -> tuple[Pixtral, float, str]:
     """Resolve --model and load it under a spinner: (model, load seconds, label)."""
     import pixlocal
     from pixlocal.registry import resolve
 
+    kw = placement_kw(gpu_layers, max_vram, context)
     r = resolve(ref)
     t0 = time.perf_counter()
     with err.status(f"loading {r.label} …"):
-        m = pixlocal.load(r.path, device=device, dtype=dtype, max_image_size=max_image_size)
+        m = pixlocal.load(r.path, device=device, dtype=dtype, max_image_size=max_image_size,
+                          **kw)
     return m, time.perf_counter() - t0, r.label
 
 

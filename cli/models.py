@@ -290,7 +290,8 @@ def _info(path: Path, context: int) -> dict[str, Any]:
     v = args.vision_encoder
     return {
         "path": str(path),
-        "format": "mistral" if (path / "params.json").is_file() else "hf",
+        "format": ("pixlocal" if quant else "mistral") if (path / "params.json").is_file()
+        else "hf",
         "quant": quant,
         "decoder": {"layers": args.n_layers, "dim": args.dim, "heads": args.n_heads,
                     "kv_heads": args.n_kv_heads, "head_dim": args.head_dim,

@@ -47,7 +47,8 @@ def quantize(
     out: Annotated[Path, typer.Argument(
         metavar="OUT", help="New directory for the quantized model.")],
     bits: Annotated[int, typer.Option(
-        help="Decoder linears: 4 (~7 GB for 12B) or 8 (~13 GB).", callback=_choice(4, 8))] = 4,
+        help="Decoder linears: 4 (8.4 GB for Pixtral-12B) or 8 (13.9 GB).",
+        callback=_choice(4, 8))] = 4,
     group_size: Annotated[int | None, typer.Option(
         help="Weights per scale: 32, 64 or 128 (default 32).",
         callback=_choice(32, 64, 128))] = None,

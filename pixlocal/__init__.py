@@ -10,7 +10,13 @@
 torch is imported on first use of the API, so `import pixlocal` and the CLI's --help stay fast.
 """
 
+import os
 from typing import Any
+
+# torch's OpenMP workers spin after each parallel region by default; between our numba kernels
+# that spinning steals the cores (int4 decode 11 -> 20 GB/s with PASSIVE, bench/README.md).
+# Read once when torch loads, so it must be set before: `import pixlocal` comes first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import (
     ConfigError,

@@ -96,7 +96,8 @@ class PixtralArgs:
         act = v.get("hidden_act", "silu")
         if act != "silu":
             # transformers' default is "gelu" but Pixtral's vision MLP is SiLU-gated
-            raise ConfigError(f"{source}: vision_config.hidden_act is {act!r}; Pixtral needs 'silu'")
+            raise ConfigError(f"{source}: vision_config.hidden_act is {act!r}; "
+                              "Pixtral needs 'silu'")
         heads = t["num_attention_heads"]
         vision = VisionArgs(
             hidden_size=v["hidden_size"], num_channels=v["num_channels"],

@@ -7,7 +7,7 @@ wanted one the parameter *is* the mapped file (zero-copy, paged in on first use)
 A pixlocal quantized dir (checkpoint.py) loads the same way: every nn.Linear whose
 `{name}.qweight` is stored becomes a QLinear and an nn.Embedding a QEmbedding, their buffers
 the mapped shard tensors themselves (zero-copy on CPU). Opening checks the index, the
-metadata (format_version) and each shard's presence and size; it does not hash 7 GB of shards
+metadata (format_version) and each shard's presence and size; it does not hash 8 GB of shards
 on every load: `pixlocal verify DIR` checks the sha256 checksums.
 """
 

@@ -22,7 +22,9 @@ class QLinear(nn.Module):
     `backend` names the qmatmul kernel (kernels.BACKENDS); the loader sets it per device.
     The weight is prepared for the backend (kernels.prepare) at the first forward and again
     whenever the buffers are replaced (load_state_dict, .to()); the cpu backend's prepared
-    weight shares the buffers' memory. The output has the input's dtype.
+    weight shares the buffers' memory; the cuda backend's int4 repack replaces it, so the
+    stored buffers are then emptied (state_dict() no longer holds the weight). The output has
+    the input's dtype.
     """
 
     qweight: torch.Tensor
@@ -58,7 +60,17 @@ class QLinear(nn.Module):
         key = (self.qweight, self.scales, self.zeros, self.backend)
         old = self._prepared
         if old is None or any(a is not b for a, b in zip(old[0], key, strict=True)):
-            self._prepared = (key, kernels.prepare(self.qtensor(), self.backend))
+            if self.qweight.numel() == 0:
+                raise RuntimeError(f"{self!r}: the stored weight was released after repacking "
+                                   "for the cuda backend; reload the model to change it")
+            p = kernels.prepare(self.qtensor(), self.backend)
+            if self.backend == "cuda" and p.qweight is not self.qweight:
+                # tinygemm repacked a copy: drop the stored layout, or the weight takes twice
+                # its size in VRAM. The empty buffers keep dtype and device (and the key).
+                self.qweight, self.scales = self.qweight.new_empty(0), self.scales.new_empty(0)
+                self.zeros = None if self.zeros is None else self.zeros.new_empty(0)
+                key = (self.qweight, self.scales, self.zeros, self.backend)
+            self._prepared = (key, p)
         return self._prepared[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 What `pixlocal.load` checks on every load (index, metadata and format_version, each shard
 present with its recorded size, headers, names and shapes against params.json) plus what it
-skips because hashing 7 GB takes seconds: every shard's sha256 against the index, and the
+skips because hashing 8 GB takes seconds: every shard's sha256 against the index, and the
 index's weight_map against the shards' actual contents.
 """
 

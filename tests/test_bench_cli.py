@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from typer.testing import CliRunner
-
 from pixlocal.cli.app import app
+from typer.testing import CliRunner
 
 
 def test_bench_json(tiny_ckpt, sample_png):

@@ -67,6 +67,31 @@ def test_ask_errors(tiny_registry, sample_png):
     assert r.exit_code == 2 and r.stdout == ""
 
 
+def test_placement_options_reach_the_loader(tiny_registry, sample_png, monkeypatch):
+    """--device/--gpu-layers/--max-vram/--context on ask, chat, caption and bench arrive at
+    pixlocal.load as its keywords; a --gpu-layers that is not a number is a usage error."""
+    import pixlocal
+    seen = []
+    real = pixlocal.load
+
+    def spy(path, **kw):
+        seen.append(kw)
+        return real(path, **{**kw, "device": "cpu"})
+
+    monkeypatch.setattr(pixlocal, "load", spy)
+    opts = ["-m", "tiny", "--dtype", "float32", "--device", "auto", "--gpu-layers", "3",
+            "--max-vram", "1.5", "--context", "2048"]
+    assert run("ask", str(sample_png), "hi", "--max-tokens", "2", *opts).exit_code == 0
+    assert run("chat", "--max-tokens", "2", *opts, input="hi\n").exit_code == 0
+    assert run("caption", str(sample_png), "--max-tokens", "2", *opts).exit_code == 0
+    assert run("bench", "tiny", "-p", "8", "-n", "2", "-r", "1",
+               *opts[2:]).exit_code == 0
+    want = {"device": "auto", "gpu_layers": 3, "max_vram": 3 * 2**29, "context_len": 2048}
+    assert len(seen) == 4 and all(kw.items() >= want.items() for kw in seen), seen
+    r = run("ask", str(sample_png), "hi", "-m", "tiny", "--gpu-layers", "most")
+    assert r.exit_code == 2 and "--gpu-layers" in r.stderr
+
+
 def test_debug_shows_the_traceback(tiny_registry, sample_png, monkeypatch):
     monkeypatch.setenv("PIXLOCAL_DEBUG", "")  # --debug sets it; undone after the test
     r = run("--debug", "ask", str(sample_png), "hi", "-m", "nope")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import socket
 
 import pytest
+from pixlocal.cli.app import app
 from typer.testing import CliRunner
 
 import pixlocal
-from pixlocal.cli.app import app
 from pixlocal.errors import ConfigError, ImageError, ModelNotFound, PixlocalError
 
 

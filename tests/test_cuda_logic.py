@@ -169,3 +169,25 @@ def test_cuda_int8_matches_reference():
     dq = type(q)(q.qweight.cuda(), q.scales.cuda(), None, q.shape, q.spec)
     x = torch.randn(3, 1024)
     assert _rel(cuda.qmatmul(x.cuda(), dq).cpu(), ref.qmatmul(x, q)) < BF16_REL
+
+
+def test_qlinear_on_the_cuda_backend_keeps_one_copy_of_the_weight():
+    """tinygemm's repack replaces the stored layout: the QLinear drops its buffers (else the
+    weight takes twice its size in VRAM) and keeps answering; int8 keeps its buffers."""
+    from pixlocal.qlinear import QLinear
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 256, generator=g)
+    for bits, released in ((4, True), (8, False)):
+        lin = torch.nn.Linear(256, 64, bias=True)
+        m = QLinear.from_linear(lin, QuantSpec(bits, 32), backend="cuda")
+        want = ref.qmatmul(x, m.qtensor()) + m.bias
+        y1 = m(x)
+        assert (m.qweight.numel() == 0) is released and (m.scales.numel() == 0) is released
+        y2 = m(x)  # prepared once; the emptied buffers are not re-prepared
+        assert _rel(y1, want) < BF16_REL and torch.equal(y1, y2)
+    # a change of backend after the release cannot re-prepare: it says so
+    m = QLinear.from_linear(torch.nn.Linear(256, 64), QuantSpec(4, 32), backend="cuda")
+    m(x)
+    m.backend = "ref"
+    with pytest.raises(RuntimeError, match="released"):
+        m(x)

@@ -7,10 +7,11 @@ and meets the weight in integer multiply-adds. The weight is read in the file's 
 memory-mapped tensors (zero-copy). int4's nibble order puts columns j and j + G/2 of a group
 in one byte: one vector load, `& 15` and `>> 4` meet the token's `lo`/`hi` halves of each group.
 The inner loops are LLVM IR built here (_q4dot, _q8dot): vpmaddubsw (u8 x s8 → i16 pairs) +
-vpmaddwd (→ i32) for int4, vpmaddwd on sign-extended bytes for int8 (LLVM 22 does not fuse
-them into VNNI vpdpbusd/vpdpwssd here; memory, not these, bounds decode); per group the i32 sums become float32 and meet scale * d in an
-FMA; one horizontal sum per row. Vectors are 64 bytes (AVX-512BW) or 32 (AVX2), picked from
-the host; with neither, the scalar loop for tail groups does all the work (correct, slow).
+vpmaddwd (→ i32) for int4, vpmaddwd on sign-extended bytes for int8 (LLVM 22 does not fuse them
+into VNNI vpdpbusd/vpdpwssd here; memory, not these, bounds decode); per group the i32 sums
+become float32 and meet scale * d in an FMA; one horizontal sum per row. Vectors are 64 bytes
+(AVX-512BW) or 32 (AVX2), picked from the host; with neither, the scalar loop for tail groups
+does all the work (correct, slow).
 Rows are split over threads in blocks (prange); the tokens of one call share each row while it
 is in L1, so L tokens cost one pass over the weight.
 Prefill (L > PREFILL_MIN[bits]) is compute-bound: tiles of rows are dequantized (IR, exact)
