@@ -96,3 +96,19 @@ def test_bfloat16_model_runs(tiny_ckpt, sample_png):
     assert out.dtype == torch.float32
     # bf16 keeps 8 bits of mantissa: the logits follow the fp32 ones closely, not exactly
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S", [1, 7, 300])
+def test_cpu_decode_attention_equals_sdpa(dtype, S):
+    """The CPU decode path (grouped float32 bmm's, not torch's slow GQA SDPA) computes
+    softmax(q k^T / sqrt(Dh)) v with query head h reading KV head h // (H / Hkv)."""
+    from pixlocal.model import _decode_attention
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(8, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(2, S, 16, generator=g).to(dtype) for _ in range(2))
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    got = _decode_attention(q, k, v)
+    assert got.dtype == dtype and got.shape == (8, 1, 16)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)

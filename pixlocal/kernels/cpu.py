@@ -60,10 +60,16 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or allowed, allowed))
 
 
-# numba's "omp" layer, next to torch's own OpenMP runtime, ran 2-thread kernels at a third of
-# 1-thread speed here (bench/kernels.py); "workqueue" does not spin. NUMBA_THREADING_LAYER wins.
+# numba's "omp" layer: with torch's OpenMP workers passive (OMP_WAIT_POLICY=PASSIVE, set by
+# `import pixlocal`) it decodes the 8-layer Nemo int4 model at 13.1-14.7 tok/s against
+# 10.7-11.6 with "workqueue", prefill 123 vs 103-118 tok/s (pixlocal bench, 2 threads). With
+# torch's workers spinning (the OpenMP default) it ran at a third of that, so workqueue is kept
+# then, and wherever omp cannot load. NUMBA_THREADING_LAYER wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    numba.config.THREADING_LAYER_PRIORITY = (["omp", "workqueue", "tbb"] if passive else
+                                             ["workqueue", "omp", "tbb"])
+    numba.config.THREADING_LAYER = "default"
 
 
 def set_threads(n: int | None = None) -> int:
@@ -80,7 +86,7 @@ THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
 # numba's cache is keyed on the contents of this file only: bump with every llir.py change.
-_LLIR_REVISION = 2
+_LLIR_REVISION = 3
 
 @intrinsic
 def _q4dot(typingctx, qw, qoff, lo, hi, f, nchunks, g):
