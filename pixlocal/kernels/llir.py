@@ -105,36 +105,25 @@ def q4dot(W: int) -> Codegen:
         acc = x.var(_vt(nl, _F32))
         mub = x.fn(_MADDUBS[W], _vt(W // 2, _I16), _vt(W, _I8), _vt(W, _I8))
         mwd = x.fn(_MADDWD[W], _vt(nl, _I32), _vt(W // 2, _I16), _vt(W // 2, _I16))
-        # lane l sums weights 8l..8l+7 of the chunk (lo and hi): group c*2W/g + 8l//g. One
-        # loop per group size, picked once: an sdiv by the runtime g in the loop (the first
-        # version) cost more than the rest of the chunk's work and halved decode speed.
+        # lane l sums weights 8l..8l+7 of the chunk (lo and hi): group c*2W/g + 8l//g
+        masks = {gs: _vc(nl, _I32, [8 * lane // gs for lane in range(nl)])
+                 for gs in (32, 64, 128)}
 
-        def run(gs: int) -> None:
-            mask = _vc(nl, _I32, [8 * lane // gs for lane in range(nl)])
+        def body(c):
+            off = b.mul(c, x.k(W))
+            v = x.load(0, b.add(args[1], off), _vt(W, _I8))
+            if PREFETCH:
+                x.prefetch(0, b.add(args[1], off))
+            p = b.add(b.call(mub, [b.and_(v, _vc(W, _I8, 15)), x.load(2, off, _vt(W, _I8))]),
+                      b.call(mub, [b.lshr(v, _vc(W, _I8, 4)), x.load(3, off, _vt(W, _I8))]))
+            dots = b.sitofp(b.call(mwd, [p, _vc(W // 2, _I16, 1)]), _vt(nl, _F32))
+            fv = x.load(4, b.sdiv(b.mul(c, x.k(2 * W)), g_), _vt(nl, _F32))
+            s32, s64, s128 = (b.shuffle_vector(fv, fv, masks[gs]) for gs in (32, 64, 128))
+            sv = b.select(b.icmp_signed("==", g_, x.k(32)), s32,
+                          b.select(b.icmp_signed("==", g_, x.k(64)), s64, s128))
+            x.fma_into(acc, dots, sv)
 
-            def body(c):
-                off = b.mul(c, x.k(W))
-                v = x.load(0, b.add(args[1], off), _vt(W, _I8))
-                if PREFETCH:
-                    x.prefetch(0, b.add(args[1], off))
-                p = b.add(
-                    b.call(mub, [b.and_(v, _vc(W, _I8, 15)), x.load(2, off, _vt(W, _I8))]),
-                    b.call(mub, [b.lshr(v, _vc(W, _I8, 4)), x.load(3, off, _vt(W, _I8))]))
-                dots = b.sitofp(b.call(mwd, [p, _vc(W // 2, _I16, 1)]), _vt(nl, _F32))
-                fv = x.load(4, b.mul(c, x.k(2 * W // gs)), _vt(nl, _F32))
-                x.fma_into(acc, dots, b.shuffle_vector(fv, fv, mask))
-
-            x.loop(args[5], body)
-
-        with b.if_else(b.icmp_signed("==", g_, x.k(32))) as (g32, other):
-            with g32:
-                run(32)
-            with other:
-                with b.if_else(b.icmp_signed("==", g_, x.k(64))) as (g64, g128):
-                    with g64:
-                        run(64)
-                    with g128:
-                        run(128)
+        x.loop(args[5], body)
         return x.hsum(acc, nl)
 
     return codegen
