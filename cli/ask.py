@@ -11,6 +11,7 @@ import typer
 
 from .app import app, err, user_errors
 from .common import (
+    DEFAULT_CONTEXT,
     ContextOpt,
     DeviceOpt,
     DtypeOpt,
@@ -48,7 +49,7 @@ def ask(
     device: DeviceOpt = "auto",
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,
-    context: ContextOpt = 32768,
+    context: ContextOpt = DEFAULT_CONTEXT,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Ask about images; the answer streams to stdout, status and speed go to stderr."""

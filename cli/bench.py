@@ -13,7 +13,14 @@ from typing import Annotated, Any
 import typer
 
 from .app import app, err, user_errors
-from .common import ContextOpt, DeviceOpt, GpuLayersOpt, MaxVramOpt, placement_kw
+from .common import (
+    DEFAULT_CONTEXT,
+    ContextOpt,
+    DeviceOpt,
+    GpuLayersOpt,
+    MaxVramOpt,
+    placement_kw,
+)
 
 
 def decode_bytes_per_token(model: Any) -> int:
@@ -107,7 +114,7 @@ def bench(
     device: DeviceOpt = "auto",
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,
-    context: ContextOpt = 32768,
+    context: ContextOpt = DEFAULT_CONTEXT,
     dtype: Annotated[str, typer.Option(help="Activation dtype.")] = "bfloat16",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:

@@ -34,6 +34,7 @@ from rich.text import Text
 
 from .app import app, err, user_errors
 from .common import (
+    DEFAULT_CONTEXT,
     ContextOpt,
     DeviceOpt,
     DtypeOpt,
@@ -206,7 +207,7 @@ def caption(
     device: DeviceOpt = "auto",
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,
-    context: ContextOpt = 32768,
+    context: ContextOpt = DEFAULT_CONTEXT,
 ) -> None:
     """Caption every image in folders or files; one record per image."""
     if fmt not in ("jsonl", "csv", "txt"):

@@ -19,6 +19,7 @@ import typer
 
 from .app import app, err, user_errors
 from .common import (
+    DEFAULT_CONTEXT,
     ContextOpt,
     DeviceOpt,
     DtypeOpt,
@@ -253,7 +254,7 @@ def chat(
     device: DeviceOpt = "auto",
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,
-    context: ContextOpt = 32768,
+    context: ContextOpt = DEFAULT_CONTEXT,
 ) -> None:
     """Chat about images in a streaming REPL (/help lists its commands)."""
     with user_errors():

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from pixlocal.config import DEFAULT_CONTEXT
+
 from .app import err
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ def placement_kw(gpu_layers: str, max_vram: float | None, context: int) -> dict[
 
 def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int | None = None,
                gpu_layers: str = "auto", max_vram: float | None = None,
-               context: int = 32768) -> tuple[Pixtral, float, str]:
+               context: int = DEFAULT_CONTEXT) -> tuple[Pixtral, float, str]:
     """Resolve --model and load it under a spinner: (model, load seconds, label)."""
     import pixlocal
     from pixlocal.registry import resolve

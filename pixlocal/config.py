@@ -11,6 +11,8 @@ from typing import Any
 
 from .errors import ConfigError
 
+DEFAULT_CONTEXT = 32_768  # tokens the KV cache is planned for (~1 image + a long chat)
+
 # defaults of transformers' PixtralVisionConfig / MistralConfig, used only for HF configs,
 # whose files omit keys equal to the class default (as transformers itself reads them)
 _HF_VISION_DEFAULTS = dict(

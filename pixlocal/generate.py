@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, tokenizer_path
-from .config import PixtralArgs
+from .config import DEFAULT_CONTEXT, PixtralArgs
 from .errors import ContextOverflow, PixlocalError
 from .loader import load_model, parse_device, parse_dtype
 from .model import KVCache, PixtralModel
@@ -37,7 +37,6 @@ from .placement import (
 from .prompt import Encoded, PromptEncoder, StreamDecoder
 
 Key = int | tuple[bytes, int]
-DEFAULT_CONTEXT = 32_768  # tokens the KV cache is planned for (~1 image + a long chat)
 
 
 @dataclass(frozen=True)
