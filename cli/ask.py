@@ -45,7 +45,7 @@ def ask(
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     max_image_size: MaxImageOpt = None,
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,

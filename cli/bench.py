@@ -115,7 +115,7 @@ def bench(
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,
     context: ContextOpt = DEFAULT_CONTEXT,
-    dtype: Annotated[str, typer.Option(help="Activation dtype.")] = "bfloat16",
+    dtype: Annotated[str, typer.Option(help="Activation dtype (as for ask).")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Measure load time, JIT warm-up, prefill and decode speed, bandwidth and peak RSS."""

@@ -203,7 +203,7 @@ def caption(
         "--temperature", "--temp", min=0.0, help="0 is greedy.")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     max_image_size: MaxImageOpt = None,
-    dtype: DtypeOpt = "bfloat16",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="Model directory, or a name/alias from models.toml (NAME[:VARIANT]); "
     "default: $PIXLOCAL_MODEL, then the registry default.")]
-DtypeOpt = Annotated[str, typer.Option(help="bfloat16 or float32.")]
+DtypeOpt = Annotated[str, typer.Option(
+    help="auto (bfloat16 on a GPU or a CPU with native bfloat16, else float32), bfloat16 or "
+         "float32.")]
 DeviceOpt = Annotated[str, typer.Option(
     help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")]
 GpuLayersOpt = Annotated[str, typer.Option(

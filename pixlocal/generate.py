@@ -21,7 +21,7 @@ import torch
 from .checkpoint import Checkpoint, tokenizer_path
 from .config import DEFAULT_CONTEXT, PixtralArgs
 from .errors import ContextOverflow, PixlocalError
-from .loader import load_model, parse_device, parse_dtype
+from .loader import load_model, parse_device, parse_dtype, prepare_quantized
 from .model import KVCache, PixtralModel
 from .placement import (
     GpuLayers,
@@ -311,7 +311,7 @@ def available_ram() -> int | None:
     return None
 
 
-def load(path: str | Path, device: str = "auto", dtype: str = "bfloat16",
+def load(path: str | Path, device: str = "auto", dtype: str = "auto",
          max_image_size: int | None = None, gpu_layers: GpuLayers = "auto",
          max_vram: int | None = None, context_len: int = DEFAULT_CONTEXT) -> Pixtral:
     """Load a model directory (Mistral or Hugging Face format) for generation.
@@ -321,14 +321,16 @@ def load(path: str | Path, device: str = "auto", dtype: str = "bfloat16",
     as many as fit, PixlocalError if an explicit count cannot), `max_vram` bytes at most, a KV
     cache for `context_len` tokens (longer prompts raise ContextOverflow)."""
     dev = parse_device(device)
-    model, ckpt = load_model(path, device="cpu" if dev.type == "cuda" else dev, dtype=dtype)
+    dt = parse_dtype(dtype, dev)
+    model, ckpt = load_model(path, device="cpu" if dev.type == "cuda" else dev, dtype=dt)
     context_len = min(context_len, model.args.max_seq_len)
     p = None
     if dev.type == "cuda":
-        p = plan(model.args, checkpoint_bytes(ckpt, parse_dtype(dtype)), free_vram(dev),
+        p = plan(model.args, checkpoint_bytes(ckpt, dt), free_vram(dev),
                  context_len, image_tokens(model.args, max_image_size), gpu_layers, max_vram,
-                 parse_dtype(dtype).itemsize)
+                 dt.itemsize)
         apply(model, p, dev)
+    prepare_quantized(model, ckpt)
     encoder = PromptEncoder(tokenizer_path(Path(path).expanduser(), ckpt.kind),
                             max_image_size=max_image_size)
     runner = Pixtral(model, encoder, Path(path).expanduser(), ckpt)

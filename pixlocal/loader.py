@@ -6,7 +6,9 @@ wanted one the parameter *is* the mapped file (zero-copy, paged in on first use)
 
 A pixlocal quantized dir (checkpoint.py) loads the same way: every nn.Linear whose
 `{name}.qweight` is stored becomes a QLinear and an nn.Embedding a QEmbedding, their buffers
-the mapped shard tensors themselves (zero-copy on CPU). Opening checks the index, the
+the mapped shard tensors themselves. A backend that repacks (cpu: interleaved row blocks;
+cuda: tinygemm) does so in `prepare_quantized`, which then drops the file's mapped pages the
+repacked copy replaces, so the weights are resident once. Opening checks the index, the
 metadata (format_version) and each shard's presence and size; it does not hash 8 GB of shards
 on every load: `pixlocal verify DIR` checks the sha256 checksums.
 """
@@ -30,13 +32,19 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name → torch dtype; "auto" is bfloat16 on a GPU or on a CPU that multiplies it
+    natively (kernels.native_bf16), else float32 (5x faster GEMMs there, at twice the bytes
+    for the weights kept unquantized, e.g. the vision encoder, and for the KV cache)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        gpu = parse_device(device).type != "cpu"
+        return torch.bfloat16 if gpu or kernels.native_bf16() else torch.float32
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise PixlocalError(f"unknown dtype {dtype!r} (choose from "
+        raise PixlocalError(f"unknown dtype {dtype!r} (choose from auto, "
                             f"{', '.join(sorted(DTYPES))})") from None
 
 
@@ -97,10 +105,23 @@ def _swap_quantized(model: PixtralModel, ckpt: Checkpoint, dev: torch.device, dt
     return used
 
 
+def prepare_quantized(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Repack every QLinear for its backend now, not at its first token, and drop the mapped
+    pages of the stored tensors a cpu repack copied (they reload from the file if touched):
+    RSS holds each weight once, not twice."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear) and mod.qweight.device.type == "cpu":
+            mod.prepared()
+            if mod.backend == "cpu":
+                for part in ("qweight", "scales", "zeros"):
+                    if f"{name}.{part}" in ckpt:
+                        ckpt.release(f"{name}.{part}")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = "bfloat16") -> tuple[PixtralModel, Checkpoint]:
+               dtype: str | torch.dtype = "auto") -> tuple[PixtralModel, Checkpoint]:
     model_dir = resolve_dir(path)
-    dt, dev = parse_dtype(dtype), parse_device(device)
+    dt, dev = parse_dtype(dtype, device), parse_device(device)
     args = read_args(model_dir)
     ckpt = open_checkpoint(model_dir, args)
     with torch.device("meta"):
@@ -120,7 +141,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         if not ckpt.dtype(name).is_floating_point:  # would be cast to garbage weights
             raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} is stored as "
                               f"{ckpt.dtype(name)}, not a float type: corrupt header")
-        state[name] = ckpt.get(name).to(device=dev, dtype=dt)
+        stored = ckpt.get(name)
+        state[name] = stored.to(device=dev, dtype=dt)
+        if state[name].data_ptr() != stored.data_ptr():  # a converted copy: free the pages
+            ckpt.release(name)
     extra = sorted(set(ckpt.names()) - set(state) - used)
     if extra:
         raise FormatError(f"{ckpt.file_of(extra[0])}: unexpected tensor {extra[0]!r} "

@@ -59,7 +59,7 @@ def _rel(y: torch.Tensor, want: torch.Tensor) -> float:
 def test_gemv_matches_ref(spec, shape, dtype):
     M, K = shape[0], shape[1] * spec.group_size
     q = _q(M, K, spec)
-    for L in (1, 2, 7):
+    for L in (1, 2, 7, 9):  # one-token passes; cpu.TOKENS at a time plus a tail
         x = _x(L, K, dtype, seed=L)
         y = cpu.gemv(x, cpu.prepare(q))
         assert y.shape == (L, M) and y.dtype == torch.float32
@@ -77,10 +77,13 @@ def test_prefill_and_dequantize_rows_match_ref(spec):
     for dt in (torch.float32, torch.bfloat16):  # dequantization is exact: equal bits
         assert torch.equal(cpu.dequantize_rows(pq, 3, 68, dt), ref.dequantize_rows(q, 3, 68, dt))
     x = _x(300, K, torch.float32)
-    y = cpu.qmatmul(x, pq)  # L = 300 > PREFILL_MIN: tiles + GEMM
+    y = cpu.prefill(x, pq)  # tiles + GEMM
     torch.testing.assert_close(y, ref.qmatmul(x, q), rtol=1e-5, atol=1e-5)
     xb = x.bfloat16()
-    assert _rel(cpu.qmatmul(xb, pq), ref.prefill(xb, q)) <= BF16_RTOL
+    assert _rel(cpu.prefill(xb, pq), ref.prefill(xb, q)) <= BF16_RTOL
+    # qmatmul: tiles where bfloat16 is native and L > PREFILL_MIN, else the integer loop
+    tiles = cpu.BF16_GEMM and 300 > cpu.PREFILL_MIN[spec.bits]
+    assert torch.equal(cpu.qmatmul(x, pq), cpu.prefill(x, pq) if tiles else cpu.gemv(x, pq))
 
 
 def test_prefill_tiles_cover_all_rows(monkeypatch):
@@ -112,14 +115,22 @@ def test_int8_bfloat16_scales():
     assert torch.equal(cpu.dequantize_rows(q, 0, 40), dequantize(q))
 
 
-def test_prepare_is_zero_copy_and_dispatch():
-    q = _q(16, 64, QuantSpec(4, 32))
-    pq = kernels.prepare(q, "cpu")
-    assert pq.qweight.ctypes.data == q.qweight.data_ptr()  # no copy: no extra resident bytes
-    assert pq.scales.ctypes.data == q.scales.data_ptr()
+def test_prepare_repacks_once_and_dispatch():
+    """prepare interleaves blocks of ROWS rows (padded with zero rows) and is idempotent;
+    qmatmul takes the prepared weight or the QTensor alike."""
+    for bits, M in ((4, 16), (8, 21)):
+        q = _q(M, 64, QuantSpec(bits, 32))
+        pq = kernels.prepare(q, "cpu")
+        assert cpu.prepare(pq) is pq
+        Mb = -(-M // cpu.ROWS)
+        assert pq.qweight.shape == (Mb, cpu.ROWS * q.qweight.shape[1])
+        assert pq.qweight.ctypes.data != q.qweight.data_ptr()  # a copy: the loader frees pages
+        blocks = pq.qweight.reshape(Mb, -1, cpu.ROWS, 4)  # (block, dword, row, byte)
+        rows = blocks.transpose(0, 2, 1, 3).reshape(Mb * cpu.ROWS, -1)
+        assert np.array_equal(rows[:M], q.qweight.view(torch.uint8).numpy()) and not rows[M:].any()
+        x = _x(1, 64, torch.float32)
+        assert torch.equal(kernels.qmatmul(x, pq, "cpu"), kernels.qmatmul(x, q, "cpu"))
     assert kernels.prepare(q, "ref") is q
-    x = _x(1, 64, torch.float32)
-    assert torch.equal(kernels.qmatmul(x, pq, "cpu"), kernels.qmatmul(x, q, "cpu"))
 
 
 def test_default_backend(monkeypatch):
@@ -149,7 +160,7 @@ def test_threads(monkeypatch):
 
 def test_simd_inner_loops_are_integer_multiply_adds():
     """The IR inner loops compile to x86 integer multiply-adds (vpmaddubsw/vpmaddwd or their
-    VNNI forms vpdp*), vectorized: compiled fresh here because numba does not show the
+    AVX2 vpsignb for int8), vectorized: compiled fresh here because numba does not show the
     assembly of cached code."""
     import numba
 
@@ -157,14 +168,16 @@ def test_simd_inner_loops_are_integer_multiply_adds():
         pytest.skip("no AVX2/AVX-512 on this host")
 
     @numba.njit
-    def probe(qw, lo, hi, f, a16):
-        return (cpu._q4dot(qw, 0, lo, hi, f, 1, 32)
-                + cpu._q8dot(qw.view(np.int8), 0, a16, f, 1, 32))
+    def probe(qw, sz, a, f, out):
+        cpu._q4t1_32(qw, 0, sz, 0, a, 0, 0, f, f, 0, 0, 1, 0, out, 0, 0)
+        cpu._q8tn_32(qw.view(np.int8), 0, sz.view(np.uint16), 0, a, 0, 0, f, f, 0, 0, 1, 0,
+                     out, 0, 0)
 
-    z8, f = np.zeros(64, np.uint8), np.zeros(32, np.float32)
-    assert probe(z8, z8.view(np.int8), z8.view(np.int8), f, np.zeros(64, np.int16)) == 0
+    z8, f, out = np.zeros(256, np.uint8), np.zeros(4, np.float32), np.ones(8, np.float32)
+    probe(z8, z8, z8.view(np.int8), f, out)
+    assert not out.any()
     asm = "\n".join(probe.inspect_asm().values())
-    reg = "zmm" if cpu.SIMD == 64 else "ymm"
-    assert any(op in asm for op in ("vpmaddubsw", "vpdpbusd")), "int4 dot not vectorized"
-    assert any(op in asm for op in ("vpmaddwd", "vpdpwssd")), "int8 dot not vectorized"
+    reg = "ymm"
+    assert "vpmaddubsw" in asm and "vpsignb" in asm, "int4/int8 dots not vectorized"
+    assert "vpmaddwd" in asm, "no i16 → i32 multiply-add"
     assert reg in asm

@@ -1,22 +1,24 @@
-"""CPU backend (numba): quantized GEMV for decode, dequantized tiles + torch GEMM for prefill.
+"""CPU backend (numba): integer multiply-adds on repacked weights for decode and, on CPUs
+without native bfloat16, for prefill too; dequantized tiles + torch GEMM for prefill elsewhere.
 
 Decode streams every weight byte once per token, so it must run at memory bandwidth. Each
 token's row is quantized per group to int8 (d = absmax/127, like llama.cpp's q8 activations)
-and meets the weight in integer multiply-adds. The weight is read in the file's own layout
-(qformat), row by row, front to back; nothing is repacked, so the prepared weight *is* the
-memory-mapped tensors (zero-copy). int4's nibble order puts columns j and j + G/2 of a group
-in one byte: one vector load, `& 15` and `>> 4` meet the token's `lo`/`hi` halves of each group.
-The inner loops are LLVM IR built here (_q4dot, _q8dot): vpmaddubsw (u8 x s8 → i16 pairs) +
-vpmaddwd (→ i32) for int4, vpmaddwd on sign-extended bytes for int8 (LLVM 22 does not fuse them
-into VNNI vpdpbusd/vpdpwssd here; this loop, not memory, bounds decode on 2 cores: one thread
-streams ~25 GB/s and two ~27, where torch.sum reads 42-48); per group the i32 sums become
-float32 and meet scale * d in an FMA; one horizontal sum per row. Vectors are 64 bytes
-(AVX-512BW) or 32 (AVX2), picked from the host; with neither, the scalar loop for tail groups
-does all the work (correct, slow).
-Rows are split over threads in blocks (prange); the tokens of one call share each row while it
-is in L1, so L tokens cost one pass over the weight.
-Prefill (L > PREFILL_MIN[bits]) is compute-bound: tiles of rows are dequantized (IR, exact)
-to bfloat16 (for bf16 x) or float32 and multiplied by torch's GEMM, tile after tile.
+and meets the weight in integer multiply-adds. `prepare` repacks a weight once, at load
+(loader.prepare_quantized frees the file's pages after): blocks of ROWS = 8 rows whose 4-byte
+words are interleaved, so one 32-byte load holds 4 bytes of each of 8 rows, and one
+broadcast dword of activations meets all 8 (vpmaddubsw + vpmaddwd, AVX2; the lane is the row,
+so a group's scales apply as one vector and no horizontal sum is left: llir.block). The row-
+major qformat file layout had the loop decode each group's scale in scalar code per row and
+reduce per row; this layout took int4 decode from 12-13 to 17-18 GB/s, int8 from 10-11 to
+14-17, on an AVX2 host reading 19-21 GB/s (bench/README.md). The loops are 256-bit AVX2 and
+run unchanged on AVX-512 hosts; without AVX2 the backend refuses (kernels picks "ref").
+Rows are split over threads by block (prange). Several tokens share a pass over a block:
+TOKENS at a time, each 32-byte chunk loaded and unpacked once for all of them, the block
+kept in L1/L2 for the next TOKENS; so prefill runs in integers too, 2x the float32 GEMM
+where bfloat16 is emulated (BF16_GEMM false: AVX2 hosts, torch's bfloat16 GEMM at 15-20
+GFLOP/s, float32 at 100-110).
+Where bfloat16 is native, prefill above PREFILL_MIN[bits] tokens dequantizes tiles of rows
+(IR, exact) to bfloat16 (for bf16 x) or float32 and multiplies them by torch's GEMM.
 Every public function has a twin of the same name and signature in ref.py (plain torch).
 """
 
@@ -35,17 +37,19 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..qformat import QTensor
-from . import llir
+from . import llir, native_bf16
 
 # Shapes: L tokens · K in-features · M out-features · G group size · N = K // G · H = G / 2
 
-# More tokens than this (per bit width): tiles + GEMM. bench/kernels.py's crossover, 14336x5120
-# g32, bf16 x, 2 threads: int4 gemv 18.1 vs prefill 19.2 ms at L=16; int8 20.8 vs 20.4 at L=8.
+# Where bfloat16 is native (BF16_GEMM), more tokens than this (per bit width) take tiles +
+# GEMM: bench/kernels.py's crossover on an AVX-512 BF16 host, 14336x5120 g32, bf16 x, 2
+# threads, one-token integer loop: int4 18.1 vs 19.2 ms at L=16; int8 20.8 vs 20.4 at L=8.
 PREFILL_MIN = {4: 16, 8: 8}
-ROW_BLOCK = 64  # rows per prange task
 TILE_BYTES = 8 << 20  # dequantized tile for prefill (~800 rows of K=5120 in bf16: fastest GEMM)
 _FEAT = llvm.get_host_cpu_features()
-SIMD = 64 if _FEAT.get("avx512bw") else 32 if _FEAT.get("avx2") else 0  # vector bytes
+SIMD = 32 if _FEAT.get("avx2") else 0  # vector bytes of the decode loops (AVX2; 0: none)
+ROWS = llir.ROWS  # rows per interleaved block
+BF16_GEMM = native_bf16()  # else prefill multiplies float32 tiles
 
 
 def physical_cores() -> int:
@@ -87,16 +91,28 @@ THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
 # numba's cache is keyed on the contents of this file only: bump with every llir.py change.
-_LLIR_REVISION = 4
+_LLIR_REVISION = 8
 
-@intrinsic
-def _q4dot(typingctx, qw, qoff, lo, hi, f, nchunks, g):
-    return types.float32(qw, qoff, lo, hi, f, nchunks, g), llir.q4dot(SIMD)
+def _block(bits: int, G: int, T: int):  # noqa: ANN202
+    @intrinsic
+    def blk(typingctx, qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, bf, out, ooff,
+            ostr):  # noqa: ANN001
+        sig = types.void(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, bf, out, ooff,
+                         ostr)
+        return sig, llir.block(bits, G, T)
+    return blk
 
 
-@intrinsic
-def _q8dot(typingctx, qw, qoff, a16, f, ngroups, g):
-    return types.float32(qw, qoff, a16, f, ngroups, g), llir.q8dot(SIMD)
+# T tokens x one block of ROWS rows (llir.block), per bit width and group size
+TOKENS = 4  # tokens per pass over a block when L >= TOKENS (prefill)
+_q4t1 = tuple(_block(4, G, 1) for G in (32, 64, 128))
+_q4tn = tuple(_block(4, G, TOKENS) for G in (32, 64, 128))
+_q8t1 = tuple(_block(8, G, 1) for G in (32, 64, 128))
+_q8tn = tuple(_block(8, G, TOKENS) for G in (32, 64, 128))
+_q4t1_32, _q4t1_64, _q4t1_128 = _q4t1
+_q4tn_32, _q4tn_64, _q4tn_128 = _q4tn
+_q8t1_32, _q8t1_64, _q8t1_128 = _q8t1
+_q8tn_32, _q8tn_64, _q8tn_128 = _q8tn
 
 
 @intrinsic
@@ -151,81 +167,126 @@ def _quantize_rows(x, G, a, d, asum):
             asum[t, g] = s
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def _gemv4(qw, sc, zc, lo, hi, a, d, asum, out):
-    M, K2 = qw.shape
-    N = sc.shape[1]
-    H = K2 // N
-    G = 2 * H
-    L = a.shape[0]
-    step = max(SIMD, H)
-    nch = (K2 // step) * (step // SIMD) if SIMD else 0
-    gdone = nch * SIMD // H if SIMD else 0
-    for b in prange((M + ROW_BLOCK - 1) // ROW_BLOCK):
-        f = np.zeros(N + 16, np.float32)
-        for m in range(b * ROW_BLOCK, min(M, (b + 1) * ROW_BLOCK)):
-            for t in range(L):
-                zt = np.float32(0.0)
-                for g in range(N):
-                    fg = _scale4(sc[m, g]) * d[t, g]
-                    f[g] = fg
-                    zt += fg * np.float32(zc[m, g]) * np.float32(asum[t, g])
-                acc = _q4dot(qw, m * K2, lo[t], hi[t], f, nch, G)
-                for g in range(gdone, N):
-                    s = 0
-                    for j in range(H):
-                        byte = qw[m, g * H + j]
-                        s += (byte & 15) * a[t, g * G + j] + (byte >> 4) * a[t, g * G + H + j]
-                    acc += f[g] * np.float32(s)
-                out[t, m] = acc - zt * np.float32(1.0 / 16.0)
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def _gemv8(qw, sc, bf16, a16, a, d, out):
-    M, K = qw.shape
-    N = sc.shape[1]
-    G = K // N
-    L = a.shape[0]
-    ngr = N if SIMD else 0
-    for b in prange((M + ROW_BLOCK - 1) // ROW_BLOCK):
-        f = np.zeros(N + 16, np.float32)
-        for m in range(b * ROW_BLOCK, min(M, (b + 1) * ROW_BLOCK)):
-            for t in range(L):
-                for g in range(N):
-                    f[g] = _scale8(sc[m, g], bf16) * d[t, g]
-                acc = _q8dot(qw, m * K, a16[t], f, ngr, G)
-                for g in range(ngr, N):
-                    s = 0
-                    for j in range(g * G, g * G + G):
-                        s += qw[m, j] * a[t, j]
-                    acc += f[g] * np.float32(s)
-                out[t, m] = acc
+@njit(parallel=True, cache=True)
+def _gemv4(qw, sz, x, G, out):
+    """out (L, Mp) = x (L, K) float32, quantized per group to int8, times the int4 weight."""
+    L, K = x.shape
+    N, BB, SZ, Mp = K // G, qw.shape[1], sz.shape[1], out.shape[1]
+    a, d = np.empty((L, K), np.int8), np.empty((L, N), np.float32)
+    asum = np.empty((L, N), np.int32)
+    _quantize_rows(x, G, a, d, asum)
+    e = d * asum.astype(np.float32) * np.float32(1.0 / 16.0)
+    Ln = L - L % TOKENS
+    for b in prange(qw.shape[0]):
+        qo, so, oo = b * BB, b * SZ, b * ROWS
+        for t in range(0, Ln, TOKENS):
+            if G == 32:
+                _q4tn_32(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo, Mp)
+            elif G == 64:
+                _q4tn_64(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo, Mp)
+            else:
+                _q4tn_128(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo,
+                          Mp)
+        for t in range(Ln, L):
+            if G == 32:
+                _q4t1_32(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo, Mp)
+            elif G == 64:
+                _q4t1_64(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo, Mp)
+            else:
+                _q4t1_128(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo,
+                          Mp)
 
 
 @njit(parallel=True, cache=True)
-def _dequant(qw, sc, zc, int4, bf16, r0, out):
-    """Rows r0.. of an int4 (zc: zero codes) or int8 (zc unused) weight → out (R, K)."""
+def _gemv8(qw, sz, bf16, x, G, out):
+    """out (L, Mp) = x (L, K) float32, quantized per group to int8, times the int8 weight."""
+    L, K = x.shape
+    N, BB, SZ, Mp = K // G, qw.shape[1], sz.shape[1], out.shape[1]
+    a, d = np.empty((L, K), np.int8), np.empty((L, N), np.float32)
+    asum = np.empty((L, N), np.int32)
+    _quantize_rows(x, G, a, d, asum)
+    Ln = L - L % TOKENS
+    for b in prange(qw.shape[0]):
+        qo, so, oo = b * BB, b * SZ, b * ROWS
+        for t in range(0, Ln, TOKENS):
+            if G == 32:
+                _q8tn_32(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out, t * Mp + oo,
+                         Mp)
+            elif G == 64:
+                _q8tn_64(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out, t * Mp + oo,
+                         Mp)
+            else:
+                _q8tn_128(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out,
+                          t * Mp + oo, Mp)
+        for t in range(Ln, L):
+            if G == 32:
+                _q8t1_32(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out, t * Mp + oo,
+                         Mp)
+            elif G == 64:
+                _q8t1_64(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out, t * Mp + oo,
+                         Mp)
+            else:
+                _q8t1_128(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out,
+                          t * Mp + oo, Mp)
+
+
+@njit(parallel=True, cache=True)
+def _interleave(w, out):
+    """w (M, D) uint32 rows → out (Mb, D, ROWS): dword i of the block's rows side by side;
+    rows past M are zero."""
+    M, D = w.shape
+    for b in prange(out.shape[0]):
+        for r in range(ROWS):
+            m = b * ROWS + r
+            if m < M:
+                for i in range(D):
+                    out[b, i, r] = w[m, i]
+            else:
+                for i in range(D):
+                    out[b, i, r] = 0
+
+
+@njit(parallel=True, cache=True)
+def _dequant(qw, sz, int4, bf16, G, r0, out):
+    """Rows r0.. of an interleaved int4 or int8 weight → out (R, K) float32 or bf16 bits."""
     R, K = out.shape
-    N = sc.shape[1]
-    for r in prange(R):
-        m = r0 + r
-        s = np.empty(N, np.float32)
-        for g in range(N):
-            s[g] = _scale4(sc[m, g]) if int4 else _scale8(sc[m, g], bf16)
-        _deqrow(qw, m * qw.shape[1], s, zc[m], N, K // N, out, r * K)
+    N = K // G
+    D = qw.shape[1] // (4 * ROWS)
+    b0, b1 = r0 // ROWS, (r0 + R + ROWS - 1) // ROWS
+    for b in prange(b0, b1):
+        w32 = qw[b].view(np.uint32)
+        row = np.empty(D, np.uint32)
+        s, z = np.empty(N, np.float32), np.empty(N, np.uint8)
+        for i in range(ROWS):
+            m = b * ROWS + i
+            if m < r0 or m >= r0 + R:
+                continue
+            for j in range(D):
+                row[j] = w32[j * ROWS + i]
+            for g in range(N):
+                if int4:
+                    s[g] = _scale4(sz[b, g * 16 + i])
+                    z[g] = sz[b, g * 16 + ROWS + i]
+                else:
+                    s[g] = _scale8(sz[b, g * ROWS + i], bf16)
+            if int4:
+                _deqrow(row.view(np.uint8), 0, s, z, N, G, out, (m - r0) * K)
+            else:
+                _deqrow(row.view(np.int8), 0, s, z, N, G, out, (m - r0) * K)
 
 
 # ---- Python API (twins in ref.py) ----------------------------------------------------------
 
 @dataclass(eq=False)
 class CpuQ:
-    """A QTensor as the cpu kernels read it: numpy views of the stored tensors (no copy, no
-    repack: the file's layout is the fast one), int8 scales as raw 16-bit patterns, and the
-    lookup table that turns a scale code/pattern into float32."""
+    """A QTensor as the cpu kernels read it, repacked once (`prepare`): blocks of ROWS rows
+    whose dwords are interleaved (qweight (Mb, ROWS * row bytes) uint8: dword i of rows
+    0..ROWS-1 of the block, then dword i+1, ...) and the block's per-group scales side by
+    side (sz: int4 (Mb, N*16) uint8, 8 e5m3 scale codes then 8 zero codes per group; int8
+    (Mb, N*ROWS) uint16 float16/bfloat16 bits). Mb = ceil(M / ROWS); padding rows are zero."""
 
-    qweight: np.ndarray  # int4: uint8 (M, K // 2) · int8: int8 (M, K)
-    scales: np.ndarray  # int4: uint8 e5m3 codes · int8: uint16 bits of fp16/bf16; (M, N)
-    zeros: np.ndarray | None  # int4: uint8 (M, N) · int8: None
+    qweight: np.ndarray
+    sz: np.ndarray
     bf16: bool  # int8 scales are bfloat16 (else float16)
     shape: tuple[int, int]
     spec: object  # QuantSpec
@@ -233,8 +294,7 @@ class CpuQ:
     @property
     def nbytes(self) -> int:
         """Bytes one pass over the weight streams."""
-        z = 0 if self.zeros is None else self.zeros.nbytes
-        return int(self.qweight.nbytes + self.scales.nbytes + z)
+        return int(self.qweight.nbytes + self.sz.nbytes)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -243,14 +303,38 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _side_by_side(a: np.ndarray, Mb: int) -> np.ndarray:
+    """(M, N) per-row values → (Mb, N, ROWS): row r of block b at [b, :, r]; zero padded."""
+    M, N = a.shape
+    p = np.zeros((Mb * ROWS, N), a.dtype)
+    p[:M] = a
+    return p.reshape(Mb, ROWS, N).transpose(0, 2, 1)
+
+
 def prepare(q: QTensor | CpuQ) -> CpuQ:
-    """Wrap a QTensor for the cpu kernels (zero-copy for contiguous CPU tensors)."""
+    """Repack a QTensor for the cpu kernels (a copy of the same size as the stored weight; the
+    loader then drops the file's mapped pages, see loader.pack_for_backends)."""
     if isinstance(q, CpuQ):
         return q
+    if not SIMD:
+        raise RuntimeError("the cpu backend needs AVX2; use PIXLOCAL_BACKEND=ref")
+    M, _ = q.shape
+    Mb = -(-M // ROWS)
+    w = _np(q.qweight)
+    w32 = w.view(np.uint32) if w.shape[1] % 4 == 0 and w.ctypes.data % 4 == 0 else \
+        np.ascontiguousarray(w).copy().view(np.uint32)
+    qw = np.empty((Mb, w32.shape[1], ROWS), np.uint32)
+    _interleave(w32, qw)
     if q.zeros is None:
+        bf = q.scales.dtype == torch.bfloat16
         sc = _np(q.scales.view(torch.int16)).view(np.uint16)
-        return CpuQ(_np(q.qweight), sc, None, q.scales.dtype == torch.bfloat16, q.shape, q.spec)
-    return CpuQ(_np(q.qweight), _np(q.scales), _np(q.zeros), False, q.shape, q.spec)
+        sz = _side_by_side(sc, Mb)
+    else:
+        bf = False
+        sz = np.concatenate([_side_by_side(_np(q.scales), Mb),
+                             _side_by_side(_np(q.zeros), Mb)], axis=2)
+    return CpuQ(qw.reshape(Mb, -1).view(np.uint8), np.ascontiguousarray(sz).reshape(Mb, -1),
+                bf, q.shape, q.spec)
 
 
 def quantize_activation(x: torch.Tensor, group_size: int
@@ -269,23 +353,19 @@ def quantize_activation(x: torch.Tensor, group_size: int
 def gemv(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
     """x (L, K) @ W.T → (L, M) float32 with x quantized per group to int8 first (decode)."""
     pq = prepare(q)
-    (M, K), G = pq.shape, pq.spec.group_size
-    a_t, d_t, s_t = quantize_activation(x, G)
-    a, d, asum = a_t.numpy(), d_t.numpy(), s_t.numpy()
-    out = np.empty((a.shape[0], M), np.float32)
-    if pq.zeros is not None:
-        halves = a.reshape(a.shape[0], K // G, 2, G // 2)
-        lo = np.ascontiguousarray(halves[:, :, 0]).reshape(-1, K // 2)
-        hi = np.ascontiguousarray(halves[:, :, 1]).reshape(-1, K // 2)
-        _gemv4(pq.qweight, pq.scales, pq.zeros, lo, hi, a, d, asum, out)
+    M, G = pq.shape[0], pq.spec.group_size
+    xf = _np(x.float())
+    out = np.empty((xf.shape[0], pq.qweight.shape[0] * ROWS), np.float32)
+    if pq.spec.bits == 4:
+        _gemv4(pq.qweight, pq.sz, xf, G, out)
     else:
-        _gemv8(pq.qweight, pq.scales, pq.bf16, a.astype(np.int16), a, d, out)
-    return torch.from_numpy(out)
+        _gemv8(pq.qweight, pq.sz, pq.bf16, xf, G, out)
+    y = torch.from_numpy(out)
+    return y if out.shape[1] == M else y[:, :M]
 
 
 def _dequant_into(pq: CpuQ, r0: int, out: np.ndarray) -> None:
-    int4 = pq.zeros is not None
-    _dequant(pq.qweight, pq.scales, pq.zeros if int4 else pq.scales, int4, pq.bf16, r0, out)
+    _dequant(pq.qweight, pq.sz, pq.spec.bits == 4, pq.bf16, pq.spec.group_size, r0, out)
 
 
 def dequantize_rows(q: QTensor | CpuQ, r0: int, r1: int,
@@ -302,11 +382,14 @@ def dequantize_rows(q: QTensor | CpuQ, r0: int, r1: int,
 def prefill(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
     """x (L, K) @ W.T → (L, M) by tiles of rows: dequantize, then torch GEMM into the rows of a
     (M, L) result (contiguous writes: 25% faster than into (L, M) column slices), transposed
-    once at the end. bfloat16 x meets bfloat16 tiles and gets a bfloat16 result; any other x
-    float32 tiles and result."""
+    once at the end. bfloat16 x gets a bfloat16 result, any other x float32. The tiles are
+    bfloat16 for bfloat16 x where the CPU multiplies bfloat16 natively (BF16_GEMM), float32
+    otherwise: on an AVX2-only host torch's bfloat16 GEMM ran at 15-20 GFLOP/s, float32 at
+    100-110 (512 x 5120 x 4096, 2 threads)."""
     pq = prepare(q)
     M, K = pq.shape
-    bf = x.dtype == torch.bfloat16
+    want_bf = x.dtype == torch.bfloat16
+    bf = want_bf and BF16_GEMM
     xt = (x if bf else x.float()).T  # (K, L)
     rows = max(16, TILE_BYTES // (K * (2 if bf else 4)))
     buf = np.empty((min(rows, M), K), np.uint16 if bf else np.float32)
@@ -316,11 +399,14 @@ def prefill(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
         _dequant_into(pq, r0, buf[:n])
         w = torch.from_numpy(buf[:n])
         torch.mm(w.view(torch.bfloat16) if bf else w, xt, out=out[r0:r0 + n])
-    return out.T.contiguous()
+    y = out.T
+    return y.to(torch.bfloat16) if want_bf and not bf else y.contiguous()
 
 
 def qmatmul(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
-    """x (L, K) @ W.T → (L, M): gemv (float32) for L <= PREFILL_MIN[bits], else prefill
-    (float32, or bfloat16 for bfloat16 x)."""
+    """x (L, K) @ W.T → (L, M): prefill (float32, or bfloat16 for bfloat16 x) for L >
+    PREFILL_MIN[bits] where bfloat16 is native, else gemv (float32)."""
     assert x.dim() == 2 and x.shape[1] == q.shape[1], (tuple(x.shape), q.shape)
-    return gemv(x, q) if x.shape[0] <= PREFILL_MIN[q.spec.bits] else prefill(x, q)
+    if BF16_GEMM and x.shape[0] > PREFILL_MIN[q.spec.bits]:
+        return prefill(x, q)
+    return gemv(x, q)

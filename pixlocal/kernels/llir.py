@@ -1,6 +1,7 @@
 """LLVM IR for the cpu backend's inner loops (llvmlite only; cpu.py wraps each builder in a
 numba @intrinsic). Each function returns a codegen(context, builder, signature, args) for
-array and integer arguments; W is the vector width in bytes (64: AVX-512BW, 32: AVX2).
+array and integer arguments. The decode loops are AVX2 (256-bit; they run unchanged on
+AVX-512 hosts, where LLVM may give them EVEX encodings).
 
 numba's cache is keyed on cpu.py's contents, not this file's: after editing this file bump
 cpu._LLIR_REVISION (or clear pixlocal/kernels/__pycache__) so the kernels compile again.
@@ -20,8 +21,8 @@ Codegen = Callable[[Any, ir.IRBuilder, Any, list], ir.Value]
 PREFETCH = 2048
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _FC = ("contract",)  # let LLVM fuse multiply and add into an FMA
-_MADDUBS = {64: "llvm.x86.avx512.pmaddubs.w.512", 32: "llvm.x86.avx2.pmadd.ub.sw"}
-_MADDWD = {64: "llvm.x86.avx512.pmaddw.d.512", 32: "llvm.x86.avx2.pmadd.wd"}
+ROWS = 8  # rows per interleaved block: one int32 lane of a 256-bit vector each
+NACC = 4  # int8, one token: running i32 sums per group (independent chains)
 
 
 def _vt(n: int, t: ir.Type) -> ir.VectorType:
@@ -88,77 +89,115 @@ class _IR:
         b.branch(cond)
         b.position_at_end(end)
 
-    def hsum(self, acc: ir.Value, n: int) -> ir.Value:
-        red = self.fn(f"llvm.vector.reduce.fadd.v{n}f32", _F32, _F32, _vt(n, _F32))
-        return self.b.call(red, [ir.Constant(_F32, 0.0), self.b.load(acc)])
 
+def block(bits: int, G: int, T: int) -> Codegen:
+    """(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, ngroups, bf16, out, ooff, ostr)
+    → void: T tokens times one block of ROWS rows of an interleaved weight (cpu.prepare), all
+    ngroups groups of G columns. Token t's int8 activations start at a[aoff + t*astr], its
+    group scales at d/e[doff + t*dstr]; its ROWS float32 results go to out[ooff + t*ostr:].
 
-def q4dot(W: int) -> Codegen:
-    """(qw, qoff, lo, hi, f, nchunks, g) → float32: the sum over chunks c < nchunks of W bytes
-    of the int4 row at flat offset qoff of qw of f[group] * (int dot of the nibbles with the
-    token's lo/hi halves); g is the group size."""
+    The block's bytes from qw[qoff] are chunks of 32: chunk = dword i of each of the 8 rows
+    (row-major bytes 4i..4i+3 of every row), so lane r of a 256-bit vector is row r and one
+    broadcast dword of a token's activations meets 4 columns of all 8 rows. Each chunk is
+    loaded (and, for int4, unpacked) once for all T tokens.
+    int4: a dword holds columns j..j+3 of its group in the low nibbles and j+G/2.. in the high
+    (qformat's order); vpmaddubsw (u8 weight x s8 activation → i16 pairs, at most 2*15*127
+    per pair) summed over the 4 chunks of 32 columns still fits i16, then one vpmaddwd by ones
+    → i32 per row. int8: vpsignb moves the weight's sign onto the activation, vpmaddubsw(|w|,
+    ±a) (at most 2*127*127: -128 is never stored) and vpmaddwd. Per group, one 16-byte record
+    at sz[soff + 16g] (int4: 8 e5m3 scale codes, then 8 zero codes) or 8 float16/bfloat16
+    scale bits at sz[soff + 8g] (int8, bf16 says which) scale the dots: out_r += s_r * (d[g] *
+    dot_r - z_r * e[g]) where d is the token's group scale and e = d * asum / 16 (int4 only).
+    A group runs as G/32 passes of one unrolled 32-column body: unrolling all of G=128 made
+    LLVM hoist its loads and spill.
+    """
+    int4 = bits == 4
+    nch = G // 8 if int4 else G // 4  # 32-byte chunks per group
+    sub_ch = 4 if int4 else 8  # 32-byte chunks per 32 columns
+    nacc = 1 if int4 or T > 1 else NACC  # running i32 sums per token
+
     def codegen(context, builder, signature, args):
-        nl, x = W // 4, _IR(context, builder, signature, args)
-        if W == 0:
-            return ir.Constant(_F32, 0.0)
-        b, g_ = builder, args[6]
-        acc = x.var(_vt(nl, _F32))
-        mub = x.fn(_MADDUBS[W], _vt(W // 2, _I16), _vt(W, _I8), _vt(W, _I8))
-        mwd = x.fn(_MADDWD[W], _vt(nl, _I32), _vt(W // 2, _I16), _vt(W // 2, _I16))
-        # lane l sums weights 8l..8l+7 of the chunk (lo and hi): group c*2W/g + 8l//g
-        masks = {gs: _vc(nl, _I32, [8 * lane // gs for lane in range(nl)])
-                 for gs in (32, 64, 128)}
+        x, b = _IR(context, builder, signature, args), builder
+        v8, v16w, v8d, v8f = _vt(32, _I8), _vt(16, _I16), _vt(ROWS, _I32), _vt(ROWS, _F32)
+        mub = x.fn("llvm.x86.avx2.pmadd.ub.sw", v16w, v8, v8)
+        mwd = x.fn("llvm.x86.avx2.pmadd.wd", v8d, v16w, v16w)
+        sign = x.fn("llvm.x86.avx2.psign.b", v8, v8, v8)
+        absb = x.fn("llvm.abs.v32i8", v8, v8, ir.IntType(1))
+        ones = _vc(16, _I16, 1)
+        qoff, soff, aoff, astr, doff, dstr = args[1], args[3], args[5], args[6], args[9], \
+            args[10]
+        bf = b.icmp_signed("!=", args[12], ir.Constant(args[12].type, 0))
+        outs = [x.var(v8f) for _ in range(T)]
+        accs = [[x.var(v8d) for _ in range(nacc)] for _ in range(T)]
+        aoffs = [b.add(aoff, b.mul(astr, x.k(t))) for t in range(T)]
+        doffs = [b.add(doff, b.mul(dstr, x.k(t))) for t in range(T)]
 
-        def body(c):
-            off = b.mul(c, x.k(W))
-            v = x.load(0, b.add(args[1], off), _vt(W, _I8))
-            if PREFETCH:
-                x.prefetch(0, b.add(args[1], off))
-            p = b.add(b.call(mub, [b.and_(v, _vc(W, _I8, 15)), x.load(2, off, _vt(W, _I8))]),
-                      b.call(mub, [b.lshr(v, _vc(W, _I8, 4)), x.load(3, off, _vt(W, _I8))]))
-            dots = b.sitofp(b.call(mwd, [p, _vc(W // 2, _I16, 1)]), _vt(nl, _F32))
-            fv = x.load(4, b.sdiv(b.mul(c, x.k(2 * W)), g_), _vt(nl, _F32))
-            s32, s64, s128 = (b.shuffle_vector(fv, fv, masks[gs]) for gs in (32, 64, 128))
-            sv = b.select(b.icmp_signed("==", g_, x.k(32)), s32,
-                          b.select(b.icmp_signed("==", g_, x.k(64)), s64, s128))
-            x.fma_into(acc, dots, sv)
+        def act(off):  # int8 activations a[off:off+4] in every dword lane
+            return b.bitcast(x.splat(x.load(4, off, _I32), ROWS), v8)
 
-        x.loop(args[5], body)
-        return x.hsum(acc, nl)
+        def group(g):
+            base = b.add(qoff, b.mul(g, x.k(32 * nch)))
+            gcol = b.mul(g, x.k(G))
+            for acc in (a for row in accs for a in row):
+                b.store(ir.Constant(v8d, None), acc)
 
-    return codegen
+            def sub(j):  # columns 32j.. of the group
+                parts: list = [None] * T
+                for c in range(sub_ch):
+                    off = b.add(base, b.add(b.mul(j, x.k(32 * sub_ch)), x.k(32 * c)))
+                    v = x.load(0, off, v8)
+                    if int4:  # dword 4j + c of each row: columns 16j + 4c.. (lo), + G/2 (hi)
+                        if PREFETCH and c % 2 == 0:
+                            x.prefetch(0, off)
+                        col = b.add(gcol, b.add(b.mul(j, x.k(16)), x.k(4 * c)))
+                        lo = b.and_(v, _vc(32, _I8, 15))
+                        hi = b.and_(b.lshr(v, _vc(32, _I8, 4)), _vc(32, _I8, 15))
+                        for t in range(T):
+                            ct = b.add(aoffs[t], col)
+                            p = b.add(b.call(mub, [lo, act(ct)]),
+                                      b.call(mub, [hi, act(b.add(ct, x.k(G // 2)))]))
+                            parts[t] = p if parts[t] is None else b.add(parts[t], p)
+                    else:  # int8: no software prefetch (it slowed this loop ~15%)
+                        col = b.add(gcol, b.add(b.mul(j, x.k(32)), x.k(4 * c)))
+                        w = b.call(absb, [v, ir.Constant(ir.IntType(1), 0)])
+                        for t in range(T):
+                            a = act(b.add(aoffs[t], col))
+                            p = b.call(mub, [w, b.call(sign, [a, v])])
+                            acc = accs[t][c % nacc]
+                            b.store(b.add(b.load(acc), b.call(mwd, [p, ones])), acc)
+                if int4:  # |part| <= 4 * 7620
+                    for t in range(T):
+                        acc = accs[t][0]
+                        b.store(b.add(b.load(acc), b.call(mwd, [parts[t], ones])), acc)
 
+            x.loop(x.k(G // 32), sub)
+            if int4:
+                rec = x.load(2, b.add(soff, b.mul(g, x.k(16))), _vt(16, _I8))
+                sc = b.zext(b.shuffle_vector(rec, rec, _vc(ROWS, _I32, list(range(8)))), v8d)
+                zc = b.zext(b.shuffle_vector(rec, rec, _vc(ROWS, _I32, list(range(8, 16)))),
+                            v8d)
+                s = b.bitcast(b.shl(b.add(sc, _vc(ROWS, _I32, 808)), _vc(ROWS, _I32, 20)), v8f)
+                zf = b.uitofp(zc, v8f)
+            else:
+                bits16 = x.load(2, b.add(soff, b.mul(g, x.k(ROWS))), _vt(ROWS, _I16))
+                s = b.select(bf, b.bitcast(b.shl(b.zext(bits16, v8d), _vc(ROWS, _I32, 16)), v8f),
+                             b.fpext(b.bitcast(bits16, _vt(ROWS, ir.HalfType())), v8f))
+            for t in range(T):
+                tot = b.load(accs[t][0])
+                for acc in accs[t][1:]:
+                    tot = b.add(tot, b.load(acc))
+                dg = x.splat(b.load(x.ptr(7, b.add(doffs[t], g), _F32)), ROWS)
+                dot = b.fmul(b.sitofp(tot, v8f), dg)
+                if int4:
+                    e = x.splat(b.load(x.ptr(8, b.add(doffs[t], g), _F32)), ROWS)
+                    dot = b.fsub(dot, b.fmul(zf, e, flags=_FC), flags=_FC)
+                x.fma_into(outs[t], s, dot)
 
-def q8dot(W: int) -> Codegen:
-    """(qw, qoff, a16, f, ngroups, g) → float32: the sum over groups j < ngroups of f[j] *
-    (int dot of the int8 row at flat offset qoff of qw with the token's int16 a16)."""
-    def codegen(context, builder, signature, args):
-        x = _IR(context, builder, signature, args)
-        if W == 0:
-            return ir.Constant(_F32, 0.0)
-        b, g_ = builder, args[5]
-        nl, nw = W // 4, W // 2  # i32 lanes, i16 lanes = weights per multiply-add
-        acc, isum = x.var(_vt(nl, _F32)), x.var(_vt(nl, _I32))
-        mwd = x.fn(_MADDWD[W], _vt(nl, _I32), _vt(nw, _I16), _vt(nw, _I16))
-
-        def group(j):
-            b.store(ir.Constant(_vt(nl, _I32), None), isum)
-            base = b.mul(j, g_)
-
-            def chunk(c):
-                off = b.add(base, b.mul(c, x.k(nw)))
-                w = b.sext(x.load(0, b.add(args[1], off), _vt(nw, _I8)), _vt(nw, _I16))
-                if PREFETCH:
-                    x.prefetch(0, b.add(args[1], off))
-                b.store(b.add(b.load(isum), b.call(mwd, [w, x.load(2, off, _vt(nw, _I16))])),
-                        isum)
-
-            x.loop(b.sdiv(g_, x.k(nw)), chunk)
-            fj = x.splat(b.load(x.ptr(3, j, _F32)), nl)
-            x.fma_into(acc, b.sitofp(b.load(isum), _vt(nl, _F32)), fj)
-
-        x.loop(args[4], group)
-        return x.hsum(acc, nl)
+        x.loop(args[11], group)
+        for t in range(T):
+            o = b.add(args[14], b.mul(args[15], x.k(t)))
+            b.store(b.load(outs[t]), x.ptr(13, o, v8f), align=4)
+        return context.get_dummy_value()
 
     return codegen
 
