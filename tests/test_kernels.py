@@ -169,9 +169,9 @@ def test_simd_inner_loops_are_integer_multiply_adds():
 
     @numba.njit
     def probe(qw, sz, a, f, out):
-        cpu._q4t1_32(qw, 0, sz, 0, a, 0, 0, f, f, 0, 0, 1, 0, out, 0, 0)
-        cpu._q8tn_32(qw.view(np.int8), 0, sz.view(np.uint16), 0, a, 0, 0, f, f, 0, 0, 1, 0,
-                     out, 0, 0)
+        cpu._q4t1(qw, 0, sz, 0, a, 0, 0, f, f, 0, 0, 1, 32, 0, out, 0, 0)
+        cpu._q8tn(qw.view(np.int8), 0, sz.view(np.uint16), 0, a, 0, 0, f, f, 0, 0, 1, 32, 0,
+                  out, 0, 0)
 
     z8, f, out = np.zeros(256, np.uint8), np.zeros(4, np.float32), np.ones(8, np.float32)
     probe(z8, z8, z8.view(np.int8), f, out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from types import ModuleType
 from typing import Any
 
@@ -39,6 +40,19 @@ def qmatmul(x: torch.Tensor, q: Any, backend: str = "ref") -> torch.Tensor:
     bfloat16 for bfloat16 x: cpu's prefill does); q a QTensor or prepare(q, backend)."""
     out: torch.Tensor = backend_module(backend).qmatmul(x, q)
     return out
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings counted once)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cores = set(re.findall(r"physical id\s*:\s*(\d+).*?core id\s*:\s*(\d+)", f.read(),
+                                   re.S))
+    except OSError:
+        cores = set()
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    allowed = allowed or os.cpu_count() or 1
+    return max(1, min(len(cores) or allowed, allowed))
 
 
 def native_bf16() -> bool:

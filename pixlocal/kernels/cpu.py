@@ -25,7 +25,6 @@ Every public function has a twin of the same name and signature in ref.py (plain
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import llvmlite.binding as llvm
@@ -37,7 +36,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..qformat import QTensor
-from . import llir, native_bf16
+from . import llir, native_bf16, physical_cores
 
 # Shapes: L tokens · K in-features · M out-features · G group size · N = K // G · H = G / 2
 
@@ -50,19 +49,6 @@ _FEAT = llvm.get_host_cpu_features()
 SIMD = 32 if _FEAT.get("avx2") else 0  # vector bytes of the decode loops (AVX2; 0: none)
 ROWS = llir.ROWS  # rows per interleaved block
 BF16_GEMM = native_bf16()  # else prefill multiplies float32 tiles
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyperthread siblings counted once)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cores = set(re.findall(r"physical id\s*:\s*(\d+).*?core id\s*:\s*(\d+)", f.read(),
-                                   re.S))
-    except OSError:
-        cores = set()
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    allowed = allowed or os.cpu_count() or 1
-    return max(1, min(len(cores) or allowed, allowed))
 
 
 # numba's "omp" layer: with torch's OpenMP workers passive (OMP_WAIT_POLICY=PASSIVE, set by
@@ -91,28 +77,21 @@ THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
 # numba's cache is keyed on the contents of this file only: bump with every llir.py change.
-_LLIR_REVISION = 8
+_LLIR_REVISION = 9
 
-def _block(bits: int, G: int, T: int):  # noqa: ANN202
+def _block(bits: int, T: int):  # noqa: ANN202
     @intrinsic
-    def blk(typingctx, qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, bf, out, ooff,
-            ostr):  # noqa: ANN001
-        sig = types.void(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, bf, out, ooff,
-                         ostr)
-        return sig, llir.block(bits, G, T)
+    def blk(typingctx, qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, g, bf, out,
+            ooff, ostr):  # noqa: ANN001
+        sig = types.void(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, g, bf, out,
+                         ooff, ostr)
+        return sig, llir.block(bits, T)
     return blk
 
 
-# T tokens x one block of ROWS rows (llir.block), per bit width and group size
 TOKENS = 4  # tokens per pass over a block when L >= TOKENS (prefill)
-_q4t1 = tuple(_block(4, G, 1) for G in (32, 64, 128))
-_q4tn = tuple(_block(4, G, TOKENS) for G in (32, 64, 128))
-_q8t1 = tuple(_block(8, G, 1) for G in (32, 64, 128))
-_q8tn = tuple(_block(8, G, TOKENS) for G in (32, 64, 128))
-_q4t1_32, _q4t1_64, _q4t1_128 = _q4t1
-_q4tn_32, _q4tn_64, _q4tn_128 = _q4tn
-_q8t1_32, _q8t1_64, _q8t1_128 = _q8t1
-_q8tn_32, _q8tn_64, _q8tn_128 = _q8tn
+# T tokens x one block of ROWS rows (llir.block), per bit width
+_q4t1, _q4tn, _q8t1, _q8tn = _block(4, 1), _block(4, TOKENS), _block(8, 1), _block(8, TOKENS)
 
 
 @intrinsic
@@ -168,8 +147,9 @@ def _quantize_rows(x, G, a, d, asum):
 
 
 @njit(parallel=True, cache=True)
-def _gemv4(qw, sz, x, G, out):
-    """out (L, Mp) = x (L, K) float32, quantized per group to int8, times the int4 weight."""
+def _gemv(qw, sz, int4, bf16, x, G, out):
+    """out (L, Mp) = x (L, K) float32, quantized per group to int8, times the int4 or int8
+    weight (TOKENS tokens per pass over a block of rows, then one at a time)."""
     L, K = x.shape
     N, BB, SZ, Mp = K // G, qw.shape[1], sz.shape[1], out.shape[1]
     a, d = np.empty((L, K), np.int8), np.empty((L, N), np.float32)
@@ -180,54 +160,17 @@ def _gemv4(qw, sz, x, G, out):
     for b in prange(qw.shape[0]):
         qo, so, oo = b * BB, b * SZ, b * ROWS
         for t in range(0, Ln, TOKENS):
-            if G == 32:
-                _q4tn_32(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo, Mp)
-            elif G == 64:
-                _q4tn_64(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo, Mp)
+            if int4:
+                _q4tn(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, G, 0, out, t * Mp + oo, Mp)
             else:
-                _q4tn_128(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo,
-                          Mp)
+                _q8tn(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, G, bf16, out, t * Mp + oo,
+                      Mp)
         for t in range(Ln, L):
-            if G == 32:
-                _q4t1_32(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo, Mp)
-            elif G == 64:
-                _q4t1_64(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo, Mp)
+            if int4:
+                _q4t1(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, G, 0, out, t * Mp + oo, Mp)
             else:
-                _q4t1_128(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, 0, out, t * Mp + oo,
-                          Mp)
-
-
-@njit(parallel=True, cache=True)
-def _gemv8(qw, sz, bf16, x, G, out):
-    """out (L, Mp) = x (L, K) float32, quantized per group to int8, times the int8 weight."""
-    L, K = x.shape
-    N, BB, SZ, Mp = K // G, qw.shape[1], sz.shape[1], out.shape[1]
-    a, d = np.empty((L, K), np.int8), np.empty((L, N), np.float32)
-    asum = np.empty((L, N), np.int32)
-    _quantize_rows(x, G, a, d, asum)
-    Ln = L - L % TOKENS
-    for b in prange(qw.shape[0]):
-        qo, so, oo = b * BB, b * SZ, b * ROWS
-        for t in range(0, Ln, TOKENS):
-            if G == 32:
-                _q8tn_32(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out, t * Mp + oo,
-                         Mp)
-            elif G == 64:
-                _q8tn_64(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out, t * Mp + oo,
-                         Mp)
-            else:
-                _q8tn_128(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out,
-                          t * Mp + oo, Mp)
-        for t in range(Ln, L):
-            if G == 32:
-                _q8t1_32(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out, t * Mp + oo,
-                         Mp)
-            elif G == 64:
-                _q8t1_64(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out, t * Mp + oo,
-                         Mp)
-            else:
-                _q8t1_128(qw, qo, sz, so, a, t * K, K, d, d, t * N, N, N, bf16, out,
-                          t * Mp + oo, Mp)
+                _q8t1(qw, qo, sz, so, a, t * K, K, d, e, t * N, N, N, G, bf16, out, t * Mp + oo,
+                      Mp)
 
 
 @njit(parallel=True, cache=True)
@@ -356,10 +299,7 @@ def gemv(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
     M, G = pq.shape[0], pq.spec.group_size
     xf = _np(x.float())
     out = np.empty((xf.shape[0], pq.qweight.shape[0] * ROWS), np.float32)
-    if pq.spec.bits == 4:
-        _gemv4(pq.qweight, pq.sz, xf, G, out)
-    else:
-        _gemv8(pq.qweight, pq.sz, pq.bf16, xf, G, out)
+    _gemv(pq.qweight, pq.sz, pq.spec.bits == 4, pq.bf16, xf, G, out)
     y = torch.from_numpy(out)
     return y if out.shape[1] == M else y[:, :M]
 

@@ -90,11 +90,12 @@ class _IR:
         b.position_at_end(end)
 
 
-def block(bits: int, G: int, T: int) -> Codegen:
-    """(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, ngroups, bf16, out, ooff, ostr)
-    → void: T tokens times one block of ROWS rows of an interleaved weight (cpu.prepare), all
-    ngroups groups of G columns. Token t's int8 activations start at a[aoff + t*astr], its
-    group scales at d/e[doff + t*dstr]; its ROWS float32 results go to out[ooff + t*ostr:].
+def block(bits: int, T: int) -> Codegen:
+    """(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, ngroups, g, bf16, out, ooff,
+    ostr) → void: T tokens times one block of ROWS rows of an interleaved weight
+    (cpu.prepare), all ngroups groups of G = g columns (32, 64 or 128). Token t's int8
+    activations start at a[aoff + t*astr], its group scales at d/e[doff + t*dstr]; its ROWS
+    float32 results go to out[ooff + t*ostr:].
 
     The block's bytes from qw[qoff] are chunks of 32: chunk = dword i of each of the 8 rows
     (row-major bytes 4i..4i+3 of every row), so lane r of a 256-bit vector is row r and one
@@ -112,7 +113,6 @@ def block(bits: int, G: int, T: int) -> Codegen:
     LLVM hoist its loads and spill.
     """
     int4 = bits == 4
-    nch = G // 8 if int4 else G // 4  # 32-byte chunks per group
     sub_ch = 4 if int4 else 8  # 32-byte chunks per 32 columns
     nacc = 1 if int4 or T > 1 else NACC  # running i32 sums per token
 
@@ -126,7 +126,8 @@ def block(bits: int, G: int, T: int) -> Codegen:
         ones = _vc(16, _I16, 1)
         qoff, soff, aoff, astr, doff, dstr = args[1], args[3], args[5], args[6], args[9], \
             args[10]
-        bf = b.icmp_signed("!=", args[12], ir.Constant(args[12].type, 0))
+        G = args[12]
+        bf = b.icmp_signed("!=", args[13], ir.Constant(args[13].type, 0))
         outs = [x.var(v8f) for _ in range(T)]
         accs = [[x.var(v8d) for _ in range(nacc)] for _ in range(T)]
         aoffs = [b.add(aoff, b.mul(astr, x.k(t))) for t in range(T)]
@@ -136,8 +137,8 @@ def block(bits: int, G: int, T: int) -> Codegen:
             return b.bitcast(x.splat(x.load(4, off, _I32), ROWS), v8)
 
         def group(g):
-            base = b.add(qoff, b.mul(g, x.k(32 * nch)))
-            gcol = b.mul(g, x.k(G))
+            base = b.add(qoff, b.mul(g, b.mul(G, x.k(4 if int4 else 8))))  # group bytes
+            gcol = b.mul(g, G)
             for acc in (a for row in accs for a in row):
                 b.store(ir.Constant(v8d, None), acc)
 
@@ -155,7 +156,7 @@ def block(bits: int, G: int, T: int) -> Codegen:
                         for t in range(T):
                             ct = b.add(aoffs[t], col)
                             p = b.add(b.call(mub, [lo, act(ct)]),
-                                      b.call(mub, [hi, act(b.add(ct, x.k(G // 2)))]))
+                                      b.call(mub, [hi, act(b.add(ct, b.lshr(G, x.k(1))))]))
                             parts[t] = p if parts[t] is None else b.add(parts[t], p)
                     else:  # int8: no software prefetch (it slowed this loop ~15%)
                         col = b.add(gcol, b.add(b.mul(j, x.k(32)), x.k(4 * c)))
@@ -170,7 +171,7 @@ def block(bits: int, G: int, T: int) -> Codegen:
                         acc = accs[t][0]
                         b.store(b.add(b.load(acc), b.call(mwd, [parts[t], ones])), acc)
 
-            x.loop(x.k(G // 32), sub)
+            x.loop(b.lshr(G, x.k(5)), sub)
             if int4:
                 rec = x.load(2, b.add(soff, b.mul(g, x.k(16))), _vt(16, _I8))
                 sc = b.zext(b.shuffle_vector(rec, rec, _vc(ROWS, _I32, list(range(8)))), v8d)
@@ -195,8 +196,8 @@ def block(bits: int, G: int, T: int) -> Codegen:
 
         x.loop(args[11], group)
         for t in range(T):
-            o = b.add(args[14], b.mul(args[15], x.k(t)))
-            b.store(b.load(outs[t]), x.ptr(13, o, v8f), align=4)
+            o = b.add(args[15], b.mul(args[16], x.k(t)))
+            b.store(b.load(outs[t]), x.ptr(14, o, v8f), align=4)
         return context.get_dummy_value()
 
     return codegen
