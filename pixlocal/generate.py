@@ -90,8 +90,7 @@ class Pixtral:
         self.model, self.encoder, self.path = model, encoder, path
         self.checkpoint = checkpoint
         self.args: PixtralArgs = model.args
-        p = next(model.parameters())
-        self.dtype = p.dtype
+        self.dtype: torch.dtype = getattr(model, "compute_dtype", next(model.parameters()).dtype)
         self.device = module_device(model.tok_embeddings)  # where token ids go
         self.vision_device = (module_device(model.vision_encoder)
                               if model.args.vision_encoder is not None else self.device)

@@ -9,6 +9,17 @@ from torch import nn
 # Shapes: L tokens · D model dim · F hidden (MLP) dim
 
 
+class CastLinear(nn.Linear):
+    """nn.Linear computing in its input's dtype: a weight kept narrower (the vision encoder's
+    16-bit file weights when the model computes in float32, see loader) is cast per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        return F.linear(x, w, b)
+
+
 class RMSNorm(nn.Module):
     """Normalise in fp32, cast back, then scale: mistral-inference's order (SPEC §3.3)."""
 
@@ -28,9 +39,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = CastLinear(dim, hidden_dim, bias=False)
+        self.w2 = CastLinear(hidden_dim, dim, bias=False)
+        self.w3 = CastLinear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, D) -> (L, D)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionArgs
-from .layers import FeedForward, RMSNorm
+from .layers import CastLinear, FeedForward, RMSNorm
 from .rope import apply_rotary_emb, freqs_cis_2d
 
 # Shapes: N image patches · D vision dim · H heads · Dh head dim · P patch size · C channels
@@ -26,10 +26,10 @@ class VisionAttention(nn.Module):
         d = args.hidden_size
         self.n_heads = args.num_attention_heads
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(d, d, bias=False)
-        self.wk = nn.Linear(d, d, bias=False)
-        self.wv = nn.Linear(d, d, bias=False)
-        self.wo = nn.Linear(d, d, bias=False)
+        self.wq = CastLinear(d, d, bias=False)
+        self.wk = CastLinear(d, d, bias=False)
+        self.wv = CastLinear(d, d, bias=False)
+        self.wo = CastLinear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, seqlens: list[int]
                 ) -> torch.Tensor:
@@ -82,8 +82,10 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
         patches, freqs, seqlens = [], [], []
+        w = self.patch_conv.weight
+        w = w if not images or w.dtype == images[0].dtype else w.to(images[0].dtype)
         for img in images:
-            grid = self.patch_conv(img[None])[0]  # (D, rows, cols)
+            grid = F.conv2d(img[None], w, stride=self.args.patch_size)[0]  # (D, rows, cols)
             _, rows, cols = grid.shape
             patches.append(grid.flatten(1).T)  # (rows*cols, D), row-major
             freqs.append(freqs_cis_2d(rows, cols, self.args.head_dim, self.args.rope_theta,
@@ -101,8 +103,8 @@ class VisionLanguageAdapter(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, bias: bool):
         super().__init__()
-        self.w_in = nn.Linear(in_dim, out_dim, bias=bias)
-        self.w_out = nn.Linear(out_dim, out_dim, bias=bias)
+        self.w_in = CastLinear(in_dim, out_dim, bias=bias)
+        self.w_out = CastLinear(out_dim, out_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_out(F.gelu(self.w_in(x)))
