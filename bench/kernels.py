@@ -8,7 +8,8 @@ thread count:
   * torch: aten._weight_int4pack_mm_for_cpu (int4, after _convert_weight_to_int4pack_for_cpu,
            group scales+zeros in bf16) / aten._weight_int8pack_mm (int8, per-row scales);
   * bw:    the machine's read bandwidth, torch.sum over a 2 GiB float32 tensor (best of 5);
-  * prefill (L=512): our tiles-then-GEMM path vs a plain bf16 torch matmul, GFLOP/s.
+  * prefill (L=512): our integer path and our tiles-then-GEMM path vs a dense torch matmul
+    in bfloat16 (where native) or float32, GOP/s.
 Each timed call uses the next of several copies of the weight (>= --pool-mb in all), so the
 weight comes from DRAM, not from cache, as in a real decode step. Medians over repeats.
 --startup also times the first-run JIT compile (empty numba cache) and the cached start-up of
@@ -106,21 +107,30 @@ def bench_decode(M: int, K: int, spec: QuantSpec, repeats: int, pool: int) -> di
 
 
 def bench_prefill(M: int, K: int, spec: QuantSpec, L: int, repeats: int) -> dict:
+    """Both prefill paths (the integer loop, cpu.gemv, and tiles + GEMM, cpu.prefill) against
+    a dense matmul in the dtype this CPU multiplies fastest (bfloat16 where native, else
+    float32); `ours` is the one cpu.qmatmul picks here."""
     g = torch.Generator().manual_seed(7)
     pq = cpu.prepare(random_qtensor(M, K, spec, g))
-    w = torch.randn(M, K, generator=g).bfloat16()
+    dt = torch.bfloat16 if cpu.BF16_GEMM else torch.float32
+    w = torch.randn(M, K, generator=g).to(dt)
     x = torch.randn(L, K, generator=g).bfloat16()
-    cpu.prefill(x, pq)
-    _ = x @ w.T
-    t_ours, t_mm = [], []
+    xd = x.to(dt)
+    fns = {"int": lambda: cpu.gemv(x, pq), "tiles": lambda: cpu.prefill(x, pq),
+           "dense": lambda: xd @ w.T}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
     for _ in range(repeats):
-        t_ours.append(_timed(lambda: cpu.prefill(x, pq)))
-        t_mm.append(_timed(lambda: x @ w.T))
+        for k, f in fns.items():
+            times[k].append(_timed(f))
     flop = 2 * L * M * K
-    mo, mm = statistics.median(t_ours), statistics.median(t_mm)
-    return {"shape": [M, K], "scheme": spec.name, "L": L, "ours_ms": mo * 1e3,
-            "ours_gflops": flop / mo / 1e9, "bf16_matmul_ms": mm * 1e3,
-            "bf16_matmul_gflops": flop / mm / 1e9, "ratio": mm / mo}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ours = "tiles" if cpu.BF16_GEMM and L > cpu.PREFILL_MIN[spec.bits] else "int"
+    return {"shape": [M, K], "scheme": spec.name, "L": L, "dense_dtype": str(dt)[6:],
+            **{f"{k}_ms": v * 1e3 for k, v in med.items()},
+            **{f"{k}_gflops": flop / v / 1e9 for k, v in med.items()},
+            "ours": ours, "ratio": med["dense"] / med[ours]}
 
 
 def crossover(M: int, K: int, spec: QuantSpec, repeats: int) -> list[dict]:
@@ -226,9 +236,10 @@ def _report(res: dict) -> None:
               f"{r['torch_ms']:9.2f} {r['torch_gbps']:6.1f} {r['speedup_vs_torch']:10.2f}",
               file=out)
     for r in res["prefill"]:
-        print(f"prefill L={r['L']} {r['scheme']} {r['shape'][0]}x{r['shape'][1]}: ours "
-              f"{r['ours_gflops']:.0f} GFLOP/s, bf16 matmul {r['bf16_matmul_gflops']:.0f} "
-              f"GFLOP/s (x{r['ratio']:.2f})", file=out)
+        print(f"prefill L={r['L']} {r['scheme']} {r['shape'][0]}x{r['shape'][1]}: integer "
+              f"{r['int_gflops']:.0f}, tiles {r['tiles_gflops']:.0f}, dense {r['dense_dtype']} "
+              f"{r['dense_gflops']:.0f} GOP/s; ours ({r['ours']}) x{r['ratio']:.2f} dense",
+              file=out)
     for r in res.get("crossover", []):
         print(f"L={r['L']:3}: gemv {r['gemv_ms']:7.2f} ms, prefill {r['prefill_ms']:7.2f} ms",
               file=out)

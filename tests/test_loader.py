@@ -148,3 +148,41 @@ def test_weights_are_memory_mapped_not_copied(tmp_path, tiny_args):
     assert base <= w.data_ptr() < base + len(mapped)
     f32 = pixlocal.load(d, dtype="float32").model.output.weight  # a cast must copy
     assert not (base <= f32.data_ptr() < base + len(mapped))
+
+
+def test_float32_keeps_vision_weights_mapped_with_the_same_results(tmp_path, tiny_args,
+                                                                    sample_png, monkeypatch):
+    """float32 compute from a bf16 file: the vision encoder and adapter stay bf16 and mapped
+    (CastLinear casts per call), the decoder is converted; the logits equal those of a model
+    whose every weight was converted at load (a bf16 → float32 cast is exact)."""
+    from pixlocal import loader
+    from pixlocal.synthetic import write_checkpoint
+    d = tmp_path / "bf16"
+    write_checkpoint(d, tiny_args, fmt="mistral", dtype=torch.bfloat16, seed=0)
+    m = pixlocal.load(d, dtype="float32")
+    vw = m.model.vision_encoder.transformer.layers[0].attention.wq.weight
+    mapped = m.checkpoint.files[0]._mmap
+    base = np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+    assert vw.dtype == torch.bfloat16 and base <= vw.data_ptr() < base + len(mapped)
+    assert m.model.output.weight.dtype == torch.float32 and m.dtype == torch.float32
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(sample_png)},
+                                         {"type": "text", "text": "Caption this."}]}]
+    enc = m.encode(msgs)
+    got = m.logits(enc.tokens, enc.images)
+    monkeypatch.setattr(loader, "_NARROW_OK", ())
+    full = pixlocal.load(d, dtype="float32")
+    assert full.model.vision_encoder.transformer.layers[0].attention.wq.weight.dtype == \
+        torch.float32
+    assert torch.equal(got, full.logits(enc.tokens, enc.images))
+
+
+def test_dtype_auto(monkeypatch):
+    from pixlocal import kernels
+    from pixlocal.loader import parse_dtype
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(kernels, "native_bf16", lambda n=native: n)
+        assert parse_dtype("auto", "cpu") == want
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_dtype("auto", "cuda") == torch.bfloat16  # a GPU: bfloat16
+    with pytest.raises(pixlocal.PixlocalError, match="unknown dtype 'f8'.*auto"):
+        parse_dtype("f8")

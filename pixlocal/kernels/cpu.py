@@ -77,7 +77,7 @@ THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
 # numba's cache is keyed on the contents of this file only: bump with every llir.py change.
-_LLIR_REVISION = 9
+_LLIR_REVISION = 10
 
 def _block(bits: int, T: int):  # noqa: ANN202
     @intrinsic
