@@ -112,9 +112,9 @@ def _swap_quantized(model: PixtralModel, ckpt: Checkpoint, dev: torch.device, dt
 
 
 def prepare_quantized(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Repack every QLinear for its backend now, not at its first token, and drop the mapped
-    pages of the stored tensors a cpu repack copied (they reload from the file if touched):
-    RSS holds each weight once, not twice."""
+    """Repack every QLinear on the CPU for its backend now, not at its first token; drop the
+    mapped pages of the stored tensors a cpu repack copied (they reload from the file if
+    touched): RSS holds each weight once, not twice."""
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear) and mod.qweight.device.type == "cpu":
             mod.prepared()

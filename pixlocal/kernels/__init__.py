@@ -2,9 +2,10 @@
 
 Backends are modules imported on first use (numba and CUDA stay unloaded until asked for):
 "ref" (kernels/ref.py, plain torch, the oracle) and "cpu" (kernels/cpu.py, numba: int8
-activations and integer dot products for decode, dequantized tiles + torch GEMM for prefill).
+activations and integer dot products for decode, and for prefill where bfloat16 is emulated;
+dequantized tiles + torch GEMM for prefill where it is native).
 A backend may repack a weight once: `prepare(q, backend)` returns what its kernels read
-(the QTensor itself for "ref", zero-copy numpy views for "cpu"), and `qmatmul` takes either.
+(the QTensor itself for "ref", interleaved row blocks for "cpu"), and `qmatmul` takes either.
 """
 
 from __future__ import annotations
