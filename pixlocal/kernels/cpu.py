@@ -47,6 +47,8 @@ PREFILL_MIN = {4: 16, 8: 8}
 TILE_BYTES = 8 << 20  # dequantized tile for prefill (~800 rows of K=5120 in bf16: fastest GEMM)
 _FEAT = llvm.get_host_cpu_features()
 SIMD = 32 if _FEAT.get("avx2") else 0  # vector bytes of the decode loops (AVX2; 0: none)
+# vpdpbusd on 256-bit vectors: AVX512-VNNI with AVX512-VL, or AVX-VNNI
+VNNI = bool(SIMD and (_FEAT.get("avx512vnni") and _FEAT.get("avx512vl") or _FEAT.get("avxvnni")))
 ROWS = llir.ROWS  # rows per interleaved block
 BF16_GEMM = native_bf16()  # else prefill multiplies float32 tiles
 
@@ -77,15 +79,15 @@ THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
 # numba's cache is keyed on the contents of this file only: bump with every llir.py change.
-_LLIR_REVISION = 10
+_LLIR_REVISION = 11
 
-def _block(bits: int, T: int):  # noqa: ANN202
+def _block(bits: int, T: int, vnni: bool = VNNI):  # noqa: ANN202
     @intrinsic
     def blk(typingctx, qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, g, bf, out,
             ooff, ostr):  # noqa: ANN001
         sig = types.void(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, g, bf, out,
                          ooff, ostr)
-        return sig, llir.block(bits, T)
+        return sig, llir.block(bits, T, vnni)
     return blk
 
 
