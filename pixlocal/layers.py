@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +44,8 @@ class FeedForward(nn.Module):
         self.w1 = CastLinear(dim, hidden_dim, bias=False)
         self.w2 = CastLinear(hidden_dim, dim, bias=False)
         self.w3 = CastLinear(dim, hidden_dim, bias=False)
+        self.w13: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # w1, w3 fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (L, D) -> (L, D)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        g, u = self.w13(x) if self.w13 is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(g) * u)

@@ -24,9 +24,10 @@ from . import kernels
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import PixtralArgs, read_args
 from .errors import FormatError, ModelNotFound, PixlocalError
-from .model import PixtralModel
+from .layers import FeedForward
+from .model import Attention, PixtralModel
 from .qembedding import QEmbedding
-from .qlinear import QLinear
+from .qlinear import QLinear, fuse
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -114,7 +115,8 @@ def _swap_quantized(model: PixtralModel, ckpt: Checkpoint, dev: torch.device, dt
 def prepare_quantized(model: nn.Module, ckpt: Checkpoint) -> None:
     """Repack every QLinear on the CPU for its backend now, not at its first token; drop the
     mapped pages of the stored tensors a cpu repack copied (they reload from the file if
-    touched): RSS holds each weight once, not twice."""
+    touched): RSS holds each weight once, not twice. Then stacks wq/wk/wv and w1/w3 where
+    the backend can (qlinear.fuse): one kernel call each per token."""
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear) and mod.qweight.device.type == "cpu":
             mod.prepared()
@@ -122,6 +124,11 @@ def prepare_quantized(model: nn.Module, ckpt: Checkpoint) -> None:
                 for part in ("qweight", "scales", "zeros"):
                     if f"{name}.{part}" in ckpt:
                         ckpt.release(f"{name}.{part}")
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.qkv = fuse([mod.wq, mod.wk, mod.wv])
+        elif isinstance(mod, FeedForward):
+            mod.w13 = fuse([mod.w1, mod.w3])
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",

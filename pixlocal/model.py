@@ -7,10 +7,13 @@ vision_language_adapter. Batch size is 1: a local runner answers one conversatio
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import PixtralArgs
 from .layers import FeedForward, RMSNorm
 from .rope import apply_rotary_emb, freqs_cis_1d
@@ -57,23 +60,26 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.qkv: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # fused (loader)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, layer: int,
                 cache: KVCache | None, start: int) -> torch.Tensor:
         L, _ = x.shape
-        q = self.wq(x).view(L, self.n_heads, self.head_dim)  # (L, H, Dh)
-        k = self.wk(x).view(L, self.n_kv_heads, self.head_dim)  # (L, Hkv, Dh)
-        v = self.wv(x).view(L, self.n_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(L, self.n_heads, self.head_dim)  # (L, H, Dh)
+        k = k.view(L, self.n_kv_heads, self.head_dim)  # (L, Hkv, Dh)
+        v = v.view(L, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H*, L, Dh)
+        ck, cv = k, v
         if cache is not None:
             ck, cv = cache.k[layer], cache.v[layer]  # (Hkv, capacity, Dh)
             ck[:, start : start + L] = k
             cv[:, start : start + L] = v
             k, v = ck[:, : start + L], cv[:, : start + L]  # (Hkv, S, Dh)
         S = k.shape[1]
-        if L == 1 and x.device.type == "cpu":
-            return self.wo(_decode_attention(q, k, v).reshape(1, -1))
+        if L == 1 and x.device.type == "cpu":  # torch's SDPA is slow for one query here
+            return self.wo(kernels.decode_attention(q, ck, cv, S).reshape(1, -1))
         if L == 1:
             mask, causal = None, False  # one new token sees everything before it
         elif S == L:
@@ -85,18 +91,6 @@ class Attention(nn.Module):
                                            is_causal=causal, enable_gqa=True)  # (H, L, Dh)
         return self.wo(o.transpose(0, 1).reshape(L, -1))
 
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One query token on the CPU: q (H, 1, Dh), k/v (Hkv, S, Dh) → (H, 1, Dh) in q's dtype.
-    Query heads grouped per KV head, two float32 bmm's. torch's CPU SDPA with enable_gqa
-    takes 2.6 ms at S=640 and 68 ms at S=4096 per layer for this (bf16, 32/8 heads); this
-    takes 0.2 and 1.3 ms (bench/README.md)."""
-    H, _, Dh = q.shape
-    Hkv = k.shape[0]
-    qg = q.reshape(Hkv, H // Hkv, Dh).float()  # heads h of KV head h // (H / Hkv)
-    s = torch.bmm(qg, k.float().transpose(1, 2)).mul_(Dh ** -0.5)  # (Hkv, H / Hkv, S)
-    o = torch.bmm(s.softmax(-1), v.float())  # (Hkv, H / Hkv, Dh)
-    return o.to(q.dtype).view(H, 1, Dh)
 
 
 class Block(nn.Module):

@@ -73,6 +73,10 @@ class QLinear(nn.Module):
             self._prepared = (key, p)
         return self._prepared[1]
 
+    def use_prepared(self, p: object) -> None:
+        """Take `p` as the prepared weight of the current buffers (a view `fuse` made)."""
+        self._prepared = ((self.qweight, self.scales, self.zeros, self.backend), p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         y = kernels.qmatmul(x.reshape(-1, self.in_features), self.prepared(),
@@ -98,3 +102,35 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"quant={self.spec.name}, bias={self.bias is not None}, backend={self.backend}")
+
+
+class Fused:
+    """QLinear layers reading the same input (wq/wk/wv, w1/w3) as one qmatmul over their
+    weights stacked by rows (kernels.fuse); calling it returns each layer's output in x's
+    dtype. Should a layer re-prepare its weight (new buffers or backend), the call falls back
+    to the layers one by one."""
+
+    def __init__(self, mods: list[QLinear], p: object, views: list[object]) -> None:
+        self.mods, self.p, self.views = mods, p, views
+        self.sizes = [m.out_features for m in mods]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if any(m.prepared() is not v for m, v in zip(self.mods, self.views, strict=True)):
+            return [m(x) for m in self.mods]
+        lead = x.shape[:-1]
+        y = kernels.qmatmul(x.reshape(-1, x.shape[-1]), self.p, self.mods[0].backend)
+        return [t.reshape(*lead, t.shape[-1]) for t in y.to(x.dtype).split(self.sizes, -1)]
+
+
+def fuse(mods: list[nn.Module]) -> Fused | None:
+    """One Fused call for bias-free QLinears of one backend, where it stacks them."""
+    if not all(isinstance(m, QLinear) and m.bias is None and m.backend == mods[0].backend
+               for m in mods):
+        return None
+    got = kernels.fuse([m.prepared() for m in mods], mods[0].backend)
+    if got is None:
+        return None
+    p, views = got
+    for m, v in zip(mods, views, strict=True):
+        m.use_prepared(v)
+    return Fused(mods, p, views)  # type: ignore[arg-type]

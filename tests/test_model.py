@@ -98,17 +98,23 @@ def test_bfloat16_model_runs(tiny_ckpt, sample_png):
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("backend", ["ref", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("S", [1, 7, 300])
-def test_cpu_decode_attention_equals_sdpa(dtype, S):
-    """The CPU decode path (grouped float32 bmm's, not torch's slow GQA SDPA) computes
-    softmax(q k^T / sqrt(Dh)) v with query head h reading KV head h // (H / Hkv)."""
-    from pixlocal.model import _decode_attention
+@pytest.mark.parametrize("S", [1, 7, 300, 8200])  # 8200: threaded (PARALLEL_MIN)
+def test_cpu_decode_attention_equals_sdpa(backend, dtype, S):
+    """The CPU decode paths (ref: grouped float32 bmm's, not torch's slow GQA SDPA; cpu:
+    numba, serial and threaded) compute softmax(q k^T / sqrt(Dh)) v over the first S cached
+    positions, query head h reading KV head h // (H / Hkv)."""
+    from pixlocal import kernels
+
+    if backend == "cpu" and kernels.default_backend("cpu") != "cpu":
+        pytest.skip("no cpu backend on this host")
     g = torch.Generator().manual_seed(S)
-    q = torch.randn(8, 1, 16, generator=g).to(dtype)
-    k, v = (torch.randn(2, S, 16, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(8, 1, 128, generator=g).to(dtype)
+    ck, cv = (torch.randn(2, S + 5, 128, generator=g).to(dtype) for _ in range(2))  # + unused
+    k, v = ck[:, :S], cv[:, :S]
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
-    got = _decode_attention(q, k, v)
-    assert got.dtype == dtype and got.shape == (8, 1, 16)
+    got = kernels.backend_module(backend).decode_attention(q, ck, cv, S)
+    assert got.dtype == dtype and got.shape == (8, 1, 128)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)

@@ -63,3 +63,41 @@ def test_prepared_once_per_buffers():
     ql.backend = "ref"  # another backend → its own prepared form
     assert ql.prepared().qweight is ql.qweight  # ref reads the QTensor as stored
     torch.testing.assert_close(ql(x), x @ dequantize(other.qtensor()).T)
+
+
+def test_loader_fuses_projections_with_the_same_results(tmp_path, tiny_ckpt):
+    """On the cpu backend the loader stacks wq/wk/wv and w1/w3 (one kernel call each): the
+    decode logits are those of the layers called one by one, bit for bit; a layer whose
+    backend changes makes its Fused fall back to the layers."""
+    from pixlocal.quant import quantize_checkpoint
+
+    import pixlocal
+
+    if kernels.default_backend("cpu") != "cpu":
+        pytest.skip("no cpu backend on this host")
+    quantize_checkpoint(tiny_ckpt, tmp_path / "q", bits=4)
+    m = pixlocal.load(tmp_path / "q", dtype="float32")
+    layers = list(m.model.layers)
+    assert all(b.attention.qkv is not None and b.feed_forward.w13 is not None for b in layers)
+    enc = m.encode([{"role": "user", "content": "Hello there"}])
+
+    def run() -> list[torch.Tensor]:
+        m.reset()
+        out = [m.prefill(enc)]
+        for _ in range(3):
+            out.append(m.decode(int(out[-1].argmax())))
+        return out
+
+    fused = run()
+    saved = [(b.attention.qkv, b.feed_forward.w13) for b in layers]
+    for b in layers:
+        b.attention.qkv = b.feed_forward.w13 = None
+    apart = run()
+    assert all(torch.equal(a, b) for a, b in zip(fused[1:], apart[1:], strict=True))
+    torch.testing.assert_close(fused[0], apart[0], rtol=1e-4, atol=1e-4)
+    for b, (qkv, w13) in zip(layers, saved, strict=True):
+        b.attention.qkv, b.feed_forward.w13 = qkv, w13
+        b.attention.wq.backend = "ref"  # re-prepares: its Fused must not use the stacked copy
+    got = run()[1]  # wq in float math now, the rest int8 activations: close, not equal
+    assert not torch.equal(got, apart[1])
+    assert torch.corrcoef(torch.stack([got, apart[1]]))[0, 1] > 0.999

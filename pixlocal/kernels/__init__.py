@@ -36,10 +36,29 @@ def prepare(q: QTensor, backend: str = "ref") -> Any:
     return backend_module(backend).prepare(q)
 
 
+def fuse(ps: list[Any], backend: str) -> tuple[Any, list[Any]] | None:
+    """Prepared weights of layers that share their input, stacked by rows into one (a single
+    qmatmul then reads all of them), with each weight as a view into it; None where the
+    backend does not stack or the weights differ in layout."""
+    f = getattr(backend_module(backend), "fuse", None)
+    return None if f is None else f(ps)
+
+
 def qmatmul(x: torch.Tensor, q: Any, backend: str = "ref") -> torch.Tensor:
     """x (L, K) @ dequantize(q).T → (L, M) by `backend`, float32 (a backend may answer
     bfloat16 for bfloat16 x: cpu's prefill does); q a QTensor or prepare(q, backend)."""
     out: torch.Tensor = backend_module(backend).qmatmul(x, q)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: int
+                     ) -> torch.Tensor:
+    """One query token against the first S positions of a layer's cache (ref.py documents
+    the shapes), by the default backend of q's device: numba's on a CPU that has it."""
+    mod = backend_module(default_backend(q.device))
+    if not hasattr(mod, "decode_attention"):
+        mod = backend_module("ref")
+    out: torch.Tensor = mod.decode_attention(q, k, v, S)
     return out
 
 

@@ -5,22 +5,16 @@ Decode streams every weight byte once per token, so it must run at memory bandwi
 token's row is quantized per group to int8 (d = absmax/127, like llama.cpp's q8 activations)
 and meets the weight in integer multiply-adds. `prepare` repacks a weight once, at load
 (loader.prepare_quantized frees the file's pages after): blocks of ROWS = 8 rows whose 4-byte
-words are interleaved, so one 32-byte load holds 4 bytes of each of 8 rows, and one
-broadcast dword of activations meets all 8 (vpmaddubsw + vpmaddwd, AVX2; the lane is the row,
-so a group's scales apply as one vector and no horizontal sum is left: llir.block). The row-
-major qformat file layout had the loop decode each group's scale in scalar code per row and
-reduce per row; this layout took int4 decode from 12-13 to 17-18 GB/s, int8 from 10-11 to
-14-17, on an AVX2 host reading 19-21 GB/s (bench/README.md). The loops are 256-bit AVX2 and
-run unchanged on AVX-512 hosts; without AVX2 the backend refuses (kernels picks "ref").
-Rows are split over threads by block (prange). Several tokens share a pass over a block:
-TOKENS at a time, each 32-byte chunk loaded and unpacked once for all of them, the block
-kept in L1/L2 for the next TOKENS; so prefill runs in integers too, 2x the float32 GEMM
-where bfloat16 is emulated (BF16_GEMM false: AVX2 hosts, torch's bfloat16 GEMM at 15-20
-GFLOP/s, float32 at 100-110).
-Where bfloat16 is native, prefill above PREFILL_MIN[bits] tokens dequantizes tiles of rows
-(IR, exact) to bfloat16 (for bf16 x) or float32 and multiplies them by torch's GEMM.
-Every public function has a twin of the same name and signature in ref.py (plain torch).
-"""
+words are interleaved, so one 32-byte load holds 4 bytes of each of 8 rows and one broadcast
+dword of activations meets all 8 (llir.block: vpdpbusd with VNNI, else vpmaddubsw +
+vpmaddwd); the lane is the row, so a group's scales apply as one vector. Against the row-major
+file layout this took int4 decode from 12-13 to 17-18 GB/s on an AVX2 host (bench/README.md).
+Without AVX2 the backend refuses (kernels picks "ref"). Rows are split over threads by block
+(prange); TOKENS tokens share a pass over a block, so prefill runs in integers too where
+bfloat16 is emulated (BF16_GEMM false: AVX2 hosts, 2x the float32 GEMM there). Where it is
+native, prefill above PREFILL_MIN[bits] tokens dequantizes tiles of rows (IR, exact) to
+bfloat16 or float32 and multiplies them by torch's GEMM. Public functions have twins of the
+same name and signature in ref.py (plain torch); decode_attention lives in cpu_attn.py."""
 
 from __future__ import annotations
 
@@ -37,27 +31,25 @@ from numba.extending import intrinsic
 
 from ..qformat import QTensor
 from . import llir, native_bf16, physical_cores
+from .cpu_attn import decode_attention  # noqa: F401  (twin of ref.decode_attention)
 
 # Shapes: L tokens · K in-features · M out-features · G group size · N = K // G · H = G / 2
 
 # Where bfloat16 is native (BF16_GEMM), more tokens than this (per bit width) take tiles +
-# GEMM: bench/kernels.py's crossover on an AVX-512 BF16 host, 14336x5120 g32, bf16 x, 2
-# threads, one-token integer loop: int4 18.1 vs 19.2 ms at L=16; int8 20.8 vs 20.4 at L=8.
+# GEMM (bench/kernels.py's crossover, AVX-512 BF16 host, 14336x5120 g32, 2 threads).
 PREFILL_MIN = {4: 16, 8: 8}
 TILE_BYTES = 8 << 20  # dequantized tile for prefill (~800 rows of K=5120 in bf16: fastest GEMM)
 _FEAT = llvm.get_host_cpu_features()
 SIMD = 32 if _FEAT.get("avx2") else 0  # vector bytes of the decode loops (AVX2; 0: none)
-# vpdpbusd on 256-bit vectors: AVX512-VNNI with AVX512-VL, or AVX-VNNI
 VNNI = bool(SIMD and (_FEAT.get("avx512vnni") and _FEAT.get("avx512vl") or _FEAT.get("avxvnni")))
 ROWS = llir.ROWS  # rows per interleaved block
 BF16_GEMM = native_bf16()  # else prefill multiplies float32 tiles
 
 
-# numba's "omp" layer: with torch's OpenMP workers passive (OMP_WAIT_POLICY=PASSIVE, set by
-# `import pixlocal`) it decodes the 8-layer Nemo int4 model at 13.1-14.7 tok/s against
-# 10.7-11.6 with "workqueue", prefill 123 vs 103-118 tok/s (pixlocal bench, 2 threads). With
-# torch's workers spinning (the OpenMP default) it ran at a third of that, so workqueue is kept
-# then, and wherever omp cannot load. NUMBA_THREADING_LAYER wins.
+# numba's "omp" layer with OpenMP workers passive (OMP_WAIT_POLICY=PASSIVE, set by `import
+# pixlocal`): 13.1-14.7 tok/s decode against 10.7-11.6 with "workqueue" (8-layer Nemo int4, 2
+# threads); spinning workers (OMP default, or GOMP_SPINCOUNT) ran slower still, so workqueue
+# is kept then. NUMBA_THREADING_LAYER wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     numba.config.THREADING_LAYER_PRIORITY = (["omp", "workqueue", "tbb"] if passive else
@@ -78,8 +70,8 @@ def set_threads(n: int | None = None) -> int:
 THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
-# numba's cache is keyed on the contents of this file only: bump with every llir.py change.
-_LLIR_REVISION = 11
+_LLIR_REVISION = 11  # numba caches by this file's contents: bump with every llir.py change
+
 
 def _block(bits: int, T: int, vnni: bool = VNNI):  # noqa: ANN202
     @intrinsic
@@ -116,15 +108,12 @@ def _half2f(typingctx, v):
 
 
 @njit(inline="always")
-def _scale4(code):
-    """e5m3 code → float32 (qformat.decode_scales)."""
-    return _bits2f((np.uint32(code) + np.uint32(808)) << np.uint32(20))
-
-
-@njit(inline="always")
-def _scale8(bits, bf16):
-    """int8 scale bits (float16, or bfloat16 if bf16) → float32."""
-    return _bits2f(np.uint32(bits) << np.uint32(16)) if bf16 else _half2f(bits)
+def _scale(v, int4, bf16):
+    """A stored scale → float32: int4's e5m3 code (qformat.decode_scales), else int8's
+    float16 or (bf16) bfloat16 bits."""
+    if int4:
+        return _bits2f((np.uint32(v) + np.uint32(808)) << np.uint32(20))
+    return _bits2f(np.uint32(v) << np.uint32(16)) if bf16 else _half2f(v)
 
 
 # ---- numba kernels -------------------------------------------------------------------------
@@ -210,10 +199,10 @@ def _dequant(qw, sz, int4, bf16, G, r0, out):
                 row[j] = w32[j * ROWS + i]
             for g in range(N):
                 if int4:
-                    s[g] = _scale4(sz[b, g * 16 + i])
+                    s[g] = _scale(sz[b, g * 16 + i], True, False)
                     z[g] = sz[b, g * 16 + ROWS + i]
                 else:
-                    s[g] = _scale8(sz[b, g * ROWS + i], bf16)
+                    s[g] = _scale(sz[b, g * ROWS + i], False, bf16)
             if int4:
                 _deqrow(row.view(np.uint8), 0, s, z, N, G, out, (m - r0) * K)
             else:
@@ -280,6 +269,23 @@ def prepare(q: QTensor | CpuQ) -> CpuQ:
                              _side_by_side(_np(q.zeros), Mb)], axis=2)
     return CpuQ(qw.reshape(Mb, -1).view(np.uint8), np.ascontiguousarray(sz).reshape(Mb, -1),
                 bf, q.shape, q.spec)
+
+
+def fuse(pqs: list[CpuQ]) -> tuple[CpuQ, list[CpuQ]] | None:
+    """Weights of one layout (bits, G, K, scale dtype), whole row blocks, stacked into one
+    CpuQ (a copy; views into it replace the inputs): wq/wk/wv or w1/w3 in one call, one
+    thread launch (50-100 us on a 2-core VM) instead of three or two. None if they differ."""
+    p0 = pqs[0]
+    if any(p.spec != p0.spec or p.bf16 != p0.bf16 or p.shape[1] != p0.shape[1]
+           or p.shape[0] % ROWS for p in pqs):
+        return None
+    qw, sz = np.concatenate([p.qweight for p in pqs]), np.concatenate([p.sz for p in pqs])
+    views, b0 = [], 0
+    for p in pqs:
+        b1 = b0 + p.qweight.shape[0]
+        views.append(CpuQ(qw[b0:b1], sz[b0:b1], p.bf16, p.shape, p.spec))
+        b0 = b1
+    return CpuQ(qw, sz, p0.bf16, (sum(p.shape[0] for p in pqs), p0.shape[1]), p0.spec), views
 
 
 def quantize_activation(x: torch.Tensor, group_size: int
