@@ -174,7 +174,8 @@ def test_simd_inner_loops_are_integer_multiply_adds():
         cpu._q8tn(qw.view(np.int8), 0, sz.view(np.uint16), 0, a, 0, 0, f, f, 0, 0, 1, 32, 0,
                   out, 0, 0)
 
-    z8, f, out = np.zeros(256, np.uint8), np.zeros(4, np.float32), np.ones(8, np.float32)
+    R = cpu.ROWS  # one block: G=32 int8 columns of R rows, R results
+    z8, f, out = np.zeros(32 * R, np.uint8), np.zeros(4, np.float32), np.ones(R, np.float32)
     probe(z8, z8, z8.view(np.int8), f, out)
     assert not out.any()
     asm = "\n".join(probe.inspect_asm().values())
@@ -183,10 +184,10 @@ def test_simd_inner_loops_are_integer_multiply_adds():
     else:
         assert "vpmaddubsw" in asm and "vpsignb" in asm, "int4/int8 dots not vectorized"
         assert "vpmaddwd" in asm, "no i16 → i32 multiply-add"
-    assert "ymm" in asm
+    assert ("zmm" if R == 16 else "ymm") in asm  # 512-bit loops for 16-row blocks
 
 
-def _block_runner(blk, T: int):  # noqa: ANN001, ANN202
+def _block_runner(blk, T: int, rows: int):  # noqa: ANN001, ANN202
     """A jitted loop calling one llir.block variant over every row block, T tokens a pass."""
     import numba
 
@@ -196,26 +197,33 @@ def _block_runner(blk, T: int):  # noqa: ANN001, ANN202
         for b in range(qw.shape[0]):
             for t in range(0, a.shape[0], T):
                 blk(qw, b * qw.shape[1], sz, b * sz.shape[1], a, t * K, K, d, e, t * N, N, N,
-                    G, bf, out, t * Mp + b * cpu.ROWS, Mp)
+                    G, bf, out, t * Mp + b * rows, Mp)
     return run
 
 
-@pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "vnni"])
-def test_both_block_variants_match_ref(vnni):
-    """The AVX2 loops and the VNNI loops agree with ref.gemv wherever the host runs them (a
-    VNNI host runs the AVX2 ones too, so both stay tested on one machine)."""
-    if not cpu.SIMD or (vnni and not cpu.VNNI):
+@pytest.mark.parametrize(("vnni", "rows"), [(False, 8), (True, 8), (True, 16)],
+                         ids=["avx2", "vnni256", "vnni512"])
+def test_every_block_variant_matches_ref(vnni, rows):
+    """The AVX2 loops and the 256- and 512-bit VNNI loops agree with ref.gemv wherever the
+    host runs them (a VNNI host runs the AVX2 ones too, so all stay tested on one machine),
+    and so does dequantization from each block size."""
+    from pixlocal.kernels import llir
+
+    if not cpu.SIMD or (vnni and not cpu.VNNI) or (rows == 16 and cpu.ROWS != 16):
         pytest.skip("this host lacks the instructions")
+    assert llir.ROWS == 8 and llir.ROWS512 == 16
     for bits in (4, 8):
         for T in (1, cpu.TOKENS):
-            run = _block_runner(cpu._block(bits, T, vnni), T)
+            run = _block_runner(cpu._block(bits, T, vnni, rows), T, rows)
             for G in (32, 128):
                 q = _q(20, 3 * G, QuantSpec(bits, G), seed=G + bits)
-                pq, x = cpu.prepare(q), _x(2 * cpu.TOKENS, 3 * G, torch.float32, seed=T)
+                pq, x = cpu.prepare(q, rows), _x(2 * cpu.TOKENS, 3 * G, torch.float32, seed=T)
+                assert pq.rows == rows
                 a, d, asum = (t.numpy() for t in cpu.quantize_activation(x, G))
                 e = d * asum.astype(np.float32) / np.float32(16)
-                out = np.zeros((x.shape[0], pq.qweight.shape[0] * cpu.ROWS), np.float32)
+                out = np.zeros((x.shape[0], pq.qweight.shape[0] * rows), np.float32)
                 run(pq.qweight, pq.sz, a, d, e, G, pq.bf16, out)
                 size = x.abs() @ dequantize(q).abs().T
                 err = (torch.from_numpy(out[:, :20]) - ref.gemv(x, q)).abs()
                 assert (err <= SAME_ACT_RTOL * size).all(), (bits, T, G)
+                assert torch.equal(cpu.dequantize_rows(pq, 3, 19), dequantize(q)[3:19])

@@ -3,25 +3,25 @@ without native bfloat16, for prefill too; dequantized tiles + torch GEMM for pre
 
 Decode streams every weight byte once per token, so it must run at memory bandwidth. Each
 token's row is quantized per group to int8 (d = absmax/127, like llama.cpp's q8 activations)
-and meets the weight in integer multiply-adds. `prepare` repacks a weight once, at load
-(loader.prepare_quantized frees the file's pages after): blocks of ROWS = 8 rows whose 4-byte
-words are interleaved, so one 32-byte load holds 4 bytes of each of 8 rows and one broadcast
-dword of activations meets all 8 (llir.block: vpdpbusd with VNNI, else vpmaddubsw +
-vpmaddwd); the lane is the row, so a group's scales apply as one vector. Against the row-major
-file layout this took int4 decode from 12-13 to 17-18 GB/s on an AVX2 host (bench/README.md).
-Without AVX2 the backend refuses (kernels picks "ref"). Rows are split over threads by block
-(prange); TOKENS tokens share a pass over a block, so prefill runs in integers too where
-bfloat16 is emulated (BF16_GEMM false: AVX2 hosts, 2x the float32 GEMM there). Where it is
-native, prefill above PREFILL_MIN[bits] tokens dequantizes tiles of rows (IR, exact) to
-bfloat16 or float32 and multiplies them by torch's GEMM. Public functions have twins of the
-same name and signature in ref.py (plain torch); decode_attention lives in cpu_attn.py."""
+and meets the weight in integer multiply-adds. cpu_layout.prepare repacks a weight once, at
+load (loader.prepare_quantized frees the file's pages after): blocks of ROWS rows (16 where
+AVX-512 has VNNI, else 8) whose 4-byte words are interleaved, so one vector load holds 4 bytes
+of every row of the block and one broadcast dword of activations meets them all (llir.block:
+vpdpbusd with VNNI, else vpmaddubsw + vpmaddwd); the lane is the row, so a group's scales
+apply as one vector. Against the row-major file layout this took int4 decode from 12-13 to
+17-18 GB/s on an AVX2 host (bench/README.md). Without AVX2 the backend refuses (kernels picks
+"ref"). Rows are split over threads by block (prange); TOKENS tokens share a pass over a
+block, so prefill runs in integers too where bfloat16 is emulated (BF16_GEMM false: AVX2
+hosts, 2x the float32 GEMM there). Where it is native, prefill above PREFILL_MIN[bits] tokens
+dequantizes tiles of rows (IR, exact) to bfloat16 or float32 and multiplies them by torch's
+GEMM. Public functions have twins of the same name and signature in ref.py (plain torch);
+decode_attention lives in cpu_attn.py, prepare and fuse in cpu_layout.py.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from numba.extending import intrinsic
 from ..qformat import QTensor
 from . import llir, native_bf16, physical_cores
 from .cpu_attn import decode_attention  # noqa: F401  (twin of ref.decode_attention)
+from .cpu_layout import ROWS, SIMD, VNNI, CpuQ, _np, fuse, prepare  # noqa: F401
 
 # Shapes: L tokens · K in-features · M out-features · G group size · N = K // G · H = G / 2
 
@@ -39,10 +40,6 @@ from .cpu_attn import decode_attention  # noqa: F401  (twin of ref.decode_attent
 # GEMM (bench/kernels.py's crossover, AVX-512 BF16 host, 14336x5120 g32, 2 threads).
 PREFILL_MIN = {4: 16, 8: 8}
 TILE_BYTES = 8 << 20  # dequantized tile for prefill (~800 rows of K=5120 in bf16: fastest GEMM)
-_FEAT = llvm.get_host_cpu_features()
-SIMD = 32 if _FEAT.get("avx2") else 0  # vector bytes of the decode loops (AVX2; 0: none)
-VNNI = bool(SIMD and (_FEAT.get("avx512vnni") and _FEAT.get("avx512vl") or _FEAT.get("avxvnni")))
-ROWS = llir.ROWS  # rows per interleaved block
 BF16_GEMM = native_bf16()  # else prefill multiplies float32 tiles
 
 
@@ -70,16 +67,16 @@ def set_threads(n: int | None = None) -> int:
 THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
-_LLIR_REVISION = 11  # numba caches by this file's contents: bump with every llir.py change
+_LLIR_REVISION = 12  # numba caches by this file's contents: bump with every llir.py change
 
 
-def _block(bits: int, T: int, vnni: bool = VNNI):  # noqa: ANN202
+def _block(bits: int, T: int, vnni: bool = VNNI, rows: int = ROWS):  # noqa: ANN202
     @intrinsic
     def blk(typingctx, qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, g, bf, out,
             ooff, ostr):  # noqa: ANN001
         sig = types.void(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, n, g, bf, out,
                          ooff, ostr)
-        return sig, llir.block(bits, T, vnni)
+        return sig, llir.block(bits, T, vnni, rows)
     return blk
 
 
@@ -165,44 +162,29 @@ def _gemv(qw, sz, int4, bf16, x, G, out):
 
 
 @njit(parallel=True, cache=True)
-def _interleave(w, out):
-    """w (M, D) uint32 rows → out (Mb, D, ROWS): dword i of the block's rows side by side;
-    rows past M are zero."""
-    M, D = w.shape
-    for b in prange(out.shape[0]):
-        for r in range(ROWS):
-            m = b * ROWS + r
-            if m < M:
-                for i in range(D):
-                    out[b, i, r] = w[m, i]
-            else:
-                for i in range(D):
-                    out[b, i, r] = 0
-
-
-@njit(parallel=True, cache=True)
-def _dequant(qw, sz, int4, bf16, G, r0, out):
-    """Rows r0.. of an interleaved int4 or int8 weight → out (R, K) float32 or bf16 bits."""
+def _dequant(qw, sz, int4, bf16, G, r0, out, rows):
+    """Rows r0.. of an int4 or int8 weight interleaved in blocks of `rows` → out (R, K)
+    float32 or bf16 bits."""
     R, K = out.shape
     N = K // G
-    D = qw.shape[1] // (4 * ROWS)
-    b0, b1 = r0 // ROWS, (r0 + R + ROWS - 1) // ROWS
+    D = qw.shape[1] // (4 * rows)
+    b0, b1 = r0 // rows, (r0 + R + rows - 1) // rows
     for b in prange(b0, b1):
         w32 = qw[b].view(np.uint32)
         row = np.empty(D, np.uint32)
         s, z = np.empty(N, np.float32), np.empty(N, np.uint8)
-        for i in range(ROWS):
-            m = b * ROWS + i
+        for i in range(rows):
+            m = b * rows + i
             if m < r0 or m >= r0 + R:
                 continue
             for j in range(D):
-                row[j] = w32[j * ROWS + i]
+                row[j] = w32[j * rows + i]
             for g in range(N):
                 if int4:
-                    s[g] = _scale(sz[b, g * 16 + i], True, False)
-                    z[g] = sz[b, g * 16 + ROWS + i]
+                    s[g] = _scale(sz[b, g * 2 * rows + i], True, False)
+                    z[g] = sz[b, g * 2 * rows + rows + i]
                 else:
-                    s[g] = _scale(sz[b, g * ROWS + i], False, bf16)
+                    s[g] = _scale(sz[b, g * rows + i], False, bf16)
             if int4:
                 _deqrow(row.view(np.uint8), 0, s, z, N, G, out, (m - r0) * K)
             else:
@@ -210,83 +192,6 @@ def _dequant(qw, sz, int4, bf16, G, r0, out):
 
 
 # ---- Python API (twins in ref.py) ----------------------------------------------------------
-
-@dataclass(eq=False)
-class CpuQ:
-    """A QTensor as the cpu kernels read it, repacked once (`prepare`): blocks of ROWS rows
-    whose dwords are interleaved (qweight (Mb, ROWS * row bytes) uint8: dword i of rows
-    0..ROWS-1 of the block, then dword i+1, ...) and the block's per-group scales side by
-    side (sz: int4 (Mb, N*16) uint8, 8 e5m3 scale codes then 8 zero codes per group; int8
-    (Mb, N*ROWS) uint16 float16/bfloat16 bits). Mb = ceil(M / ROWS); padding rows are zero."""
-
-    qweight: np.ndarray
-    sz: np.ndarray
-    bf16: bool  # int8 scales are bfloat16 (else float16)
-    shape: tuple[int, int]
-    spec: object  # QuantSpec
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes one pass over the weight streams."""
-        return int(self.qweight.nbytes + self.sz.nbytes)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    if t.device.type != "cpu":
-        raise ValueError(f"cpu backend got a tensor on {t.device}")
-    return t.detach().contiguous().numpy()
-
-
-def _side_by_side(a: np.ndarray, Mb: int) -> np.ndarray:
-    """(M, N) per-row values → (Mb, N, ROWS): row r of block b at [b, :, r]; zero padded."""
-    M, N = a.shape
-    p = np.zeros((Mb * ROWS, N), a.dtype)
-    p[:M] = a
-    return p.reshape(Mb, ROWS, N).transpose(0, 2, 1)
-
-
-def prepare(q: QTensor | CpuQ) -> CpuQ:
-    """Repack a QTensor for the cpu kernels (a copy of the same size as the stored weight; the
-    loader then drops the file's mapped pages, see loader.pack_for_backends)."""
-    if isinstance(q, CpuQ):
-        return q
-    if not SIMD:
-        raise RuntimeError("the cpu backend needs AVX2; use PIXLOCAL_BACKEND=ref")
-    M, _ = q.shape
-    Mb = -(-M // ROWS)
-    w = _np(q.qweight)
-    w32 = w.view(np.uint32) if w.shape[1] % 4 == 0 and w.ctypes.data % 4 == 0 else \
-        np.ascontiguousarray(w).copy().view(np.uint32)
-    qw = np.empty((Mb, w32.shape[1], ROWS), np.uint32)
-    _interleave(w32, qw)
-    if q.zeros is None:
-        bf = q.scales.dtype == torch.bfloat16
-        sc = _np(q.scales.view(torch.int16)).view(np.uint16)
-        sz = _side_by_side(sc, Mb)
-    else:
-        bf = False
-        sz = np.concatenate([_side_by_side(_np(q.scales), Mb),
-                             _side_by_side(_np(q.zeros), Mb)], axis=2)
-    return CpuQ(qw.reshape(Mb, -1).view(np.uint8), np.ascontiguousarray(sz).reshape(Mb, -1),
-                bf, q.shape, q.spec)
-
-
-def fuse(pqs: list[CpuQ]) -> tuple[CpuQ, list[CpuQ]] | None:
-    """Weights of one layout (bits, G, K, scale dtype), whole row blocks, stacked into one
-    CpuQ (a copy; views into it replace the inputs): wq/wk/wv or w1/w3 in one call, one
-    thread launch (50-100 us on a 2-core VM) instead of three or two. None if they differ."""
-    p0 = pqs[0]
-    if any(p.spec != p0.spec or p.bf16 != p0.bf16 or p.shape[1] != p0.shape[1]
-           or p.shape[0] % ROWS for p in pqs):
-        return None
-    qw, sz = np.concatenate([p.qweight for p in pqs]), np.concatenate([p.sz for p in pqs])
-    views, b0 = [], 0
-    for p in pqs:
-        b1 = b0 + p.qweight.shape[0]
-        views.append(CpuQ(qw[b0:b1], sz[b0:b1], p.bf16, p.shape, p.spec))
-        b0 = b1
-    return CpuQ(qw, sz, p0.bf16, (sum(p.shape[0] for p in pqs), p0.shape[1]), p0.spec), views
-
 
 def quantize_activation(x: torch.Tensor, group_size: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -306,6 +211,9 @@ def gemv(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
     pq = prepare(q)
     M, G = pq.shape[0], pq.spec.group_size
     xf = _np(x.float())
+    if pq.rows != ROWS:
+        raise ValueError(f"weight packed in blocks of {pq.rows} rows; this host's loops take "
+                         f"{ROWS}")
     out = np.empty((xf.shape[0], pq.qweight.shape[0] * ROWS), np.float32)
     _gemv(pq.qweight, pq.sz, pq.spec.bits == 4, pq.bf16, xf, G, out)
     y = torch.from_numpy(out)
@@ -313,7 +221,8 @@ def gemv(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
 
 
 def _dequant_into(pq: CpuQ, r0: int, out: np.ndarray) -> None:
-    _dequant(pq.qweight, pq.sz, pq.spec.bits == 4, pq.bf16, pq.spec.group_size, r0, out)
+    _dequant(pq.qweight, pq.sz, pq.spec.bits == 4, pq.bf16, pq.spec.group_size, r0, out,
+             pq.rows)
 
 
 def dequantize_rows(q: QTensor | CpuQ, r0: int, r1: int,

@@ -25,6 +25,7 @@ PREFETCH8 = 1024
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _FC = ("contract",)  # let LLVM fuse multiply and add into an FMA
 ROWS = 8  # rows per interleaved block: one int32 lane of a 256-bit vector each
+ROWS512 = 16  # the same with 512-bit vectors (VNNI on AVX-512 hosts)
 NACC = 4  # int8, one token: running i32 sums per group (independent chains)
 
 
@@ -93,10 +94,11 @@ class _IR:
         b.position_at_end(end)
 
 
-def block(bits: int, T: int, vnni: bool = False) -> Codegen:
+def block(bits: int, T: int, vnni: bool = False, rows: int = ROWS) -> Codegen:
     """(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, ngroups, g, bf16, out, ooff,
     ostr) → void: T tokens times one block of ROWS rows of an interleaved weight
-    (cpu.prepare), all ngroups groups of G = g columns (32, 64 or 128). Token t's int8
+    (cpu.prepare; rows = 16 with 512-bit vectors, vnni only), all ngroups groups of G = g
+    columns (32, 64 or 128). Token t's int8
     activations start at a[aoff + t*astr], its group scales at d/e[doff + t*dstr]; its ROWS
     float32 results go to out[ooff + t*ostr:].
 
@@ -120,20 +122,21 @@ def block(bits: int, T: int, vnni: bool = False) -> Codegen:
     per 32-byte chunk less, int8 3 less. The loops were instruction-bound on a Zen 4 host
     (int4 ~19 GB/s per core from L3 at 2.6 GHz with vpmaddubsw).
     """
-    int4 = bits == 4
-    sub_ch = 4 if int4 else 8  # 32-byte chunks per 32 columns
+    assert rows == ROWS or vnni, "512-bit blocks are VNNI only"
+    int4, W = bits == 4, 4 * rows  # W: bytes of one chunk (dword i of every row)
+    sub_ch = 4 if int4 else 8  # chunks per 32 columns
     # running i32 sums per token: vpdpbusd's latency needs several chains at T=1
     nacc = (4 if T == 1 else 2) if vnni else (1 if int4 or T > 1 else NACC)
 
     def codegen(context, builder, signature, args):
         x, b = _IR(context, builder, signature, args), builder
-        v8, v16w, v8d, v8f = _vt(32, _I8), _vt(16, _I16), _vt(ROWS, _I32), _vt(ROWS, _F32)
+        v8, v16w, v8d, v8f = _vt(W, _I8), _vt(16, _I16), _vt(rows, _I32), _vt(rows, _F32)
         mub = x.fn("llvm.x86.avx2.pmadd.ub.sw", v16w, v8, v8)
         mwd = x.fn("llvm.x86.avx2.pmadd.wd", v8d, v16w, v16w)
         sign = x.fn("llvm.x86.avx2.psign.b", v8, v8, v8)
         absb = x.fn("llvm.abs.v32i8", v8, v8, ir.IntType(1))
         ones = _vc(16, _I16, 1)
-        dpb = x.fn("llvm.x86.avx512.vpdpbusd.256", v8d, v8d, v8d, v8d)
+        dpb = x.fn(f"llvm.x86.avx512.vpdpbusd.{32 * rows}", v8d, v8d, v8d, v8d)
 
         def dot_into(acc, w, a):  # acc += u8 w . s8 a per dword (vnni)
             b.store(b.call(dpb, [b.load(acc), b.bitcast(w, v8d), b.bitcast(a, v8d)]), acc)
@@ -147,10 +150,10 @@ def block(bits: int, T: int, vnni: bool = False) -> Codegen:
         doffs = [b.add(doff, b.mul(dstr, x.k(t))) for t in range(T)]
 
         def act(off):  # int8 activations a[off:off+4] in every dword lane
-            return b.bitcast(x.splat(x.load(4, off, _I32), ROWS), v8)
+            return b.bitcast(x.splat(x.load(4, off, _I32), rows), v8)
 
         def group(g):
-            base = b.add(qoff, b.mul(g, b.mul(G, x.k(4 if int4 else 8))))  # group bytes
+            base = b.add(qoff, b.mul(g, b.mul(G, x.k(rows // 2 if int4 else rows))))
             gcol = b.mul(g, G)
             for acc in (a for row in accs for a in row):
                 b.store(ir.Constant(v8d, None), acc)
@@ -158,14 +161,15 @@ def block(bits: int, T: int, vnni: bool = False) -> Codegen:
             def sub(j):  # columns 32j.. of the group
                 parts: list = [None] * T
                 for c in range(sub_ch):
-                    off = b.add(base, b.add(b.mul(j, x.k(32 * sub_ch)), x.k(32 * c)))
+                    off = b.add(base, b.add(b.mul(j, x.k(W * sub_ch)), x.k(W * c)))
+                    pf = (W * c) % 64 == 0  # one prefetch per cache line
                     v = x.load(0, off, v8)
                     if int4:  # dword 4j + c of each row: columns 16j + 4c.. (lo), + G/2 (hi)
-                        if PREFETCH and c % 2 == 0:
+                        if PREFETCH and pf:
                             x.prefetch(0, off)
                         col = b.add(gcol, b.add(b.mul(j, x.k(16)), x.k(4 * c)))
-                        lo = b.and_(v, _vc(32, _I8, 15))
-                        hi = b.and_(b.lshr(v, _vc(32, _I8, 4)), _vc(32, _I8, 15))
+                        lo = b.and_(v, _vc(W, _I8, 15))
+                        hi = b.and_(b.lshr(v, _vc(W, _I8, 4)), _vc(W, _I8, 15))
                         for t in range(T):
                             ct = b.add(aoffs[t], col)
                             if vnni:
@@ -177,11 +181,11 @@ def block(bits: int, T: int, vnni: bool = False) -> Codegen:
                                       b.call(mub, [hi, act(b.add(ct, b.lshr(G, x.k(1))))]))
                             parts[t] = p if parts[t] is None else b.add(parts[t], p)
                     else:
-                        if PREFETCH8 and c % 2 == 0:
+                        if PREFETCH8 and pf:
                             x.prefetch(0, off, PREFETCH8)
                         col = b.add(gcol, b.add(b.mul(j, x.k(32)), x.k(4 * c)))
                         if vnni:
-                            u = b.xor(v, _vc(32, _I8, -128))  # w + 128 as u8
+                            u = b.xor(v, _vc(W, _I8, -128))  # w + 128 as u8
                             for t in range(T):
                                 dot_into(accs[t][c % nacc], u, act(b.add(aoffs[t], col)))
                             continue
@@ -198,25 +202,25 @@ def block(bits: int, T: int, vnni: bool = False) -> Codegen:
 
             x.loop(b.lshr(G, x.k(5)), sub)
             if int4:
-                rec = x.load(2, b.add(soff, b.mul(g, x.k(16))), _vt(16, _I8))
-                sc = b.zext(b.shuffle_vector(rec, rec, _vc(ROWS, _I32, list(range(8)))), v8d)
-                zc = b.zext(b.shuffle_vector(rec, rec, _vc(ROWS, _I32, list(range(8, 16)))),
-                            v8d)
-                s = b.bitcast(b.shl(b.add(sc, _vc(ROWS, _I32, 808)), _vc(ROWS, _I32, 20)), v8f)
+                rec = x.load(2, b.add(soff, b.mul(g, x.k(2 * rows))), _vt(2 * rows, _I8))
+                sc = b.zext(b.shuffle_vector(rec, rec, _vc(rows, _I32, list(range(rows)))), v8d)
+                zc = b.zext(b.shuffle_vector(rec, rec, _vc(rows, _I32,
+                                                            list(range(rows, 2 * rows)))), v8d)
+                s = b.bitcast(b.shl(b.add(sc, _vc(rows, _I32, 808)), _vc(rows, _I32, 20)), v8f)
                 zf = b.uitofp(zc, v8f)
             else:
-                bits16 = x.load(2, b.add(soff, b.mul(g, x.k(ROWS))), _vt(ROWS, _I16))
-                s = b.select(bf, b.bitcast(b.shl(b.zext(bits16, v8d), _vc(ROWS, _I32, 16)), v8f),
-                             b.fpext(b.bitcast(bits16, _vt(ROWS, ir.HalfType())), v8f))
+                bits16 = x.load(2, b.add(soff, b.mul(g, x.k(rows))), _vt(rows, _I16))
+                s = b.select(bf, b.bitcast(b.shl(b.zext(bits16, v8d), _vc(rows, _I32, 16)), v8f),
+                             b.fpext(b.bitcast(bits16, _vt(rows, ir.HalfType())), v8f))
             for t in range(T):
                 tot = b.load(accs[t][0])
                 for acc in accs[t][1:]:
                     tot = b.add(tot, b.load(acc))
-                dg = x.splat(b.load(x.ptr(7, b.add(doffs[t], g), _F32)), ROWS)
+                dg = x.splat(b.load(x.ptr(7, b.add(doffs[t], g), _F32)), rows)
                 dot = b.fmul(b.sitofp(tot, v8f), dg)
                 if int4 or vnni:
-                    e = x.splat(b.load(x.ptr(8, b.add(doffs[t], g), _F32)), ROWS)
-                    z = zf if int4 else _vc(ROWS, _F32, 2048.0)  # int8: the +128 offset
+                    e = x.splat(b.load(x.ptr(8, b.add(doffs[t], g), _F32)), rows)
+                    z = zf if int4 else _vc(rows, _F32, 2048.0)  # int8: the +128 offset
                     dot = b.fsub(dot, b.fmul(z, e, flags=_FC), flags=_FC)
                 x.fma_into(outs[t], s, dot)
 
