@@ -8,6 +8,9 @@ thread count:
   * torch: aten._weight_int4pack_mm_for_cpu (int4, after _convert_weight_to_int4pack_for_cpu,
            group scales+zeros in bf16) / aten._weight_int8pack_mm (int8, per-row scales);
   * bw:    the machine's read bandwidth, torch.sum over a 2 GiB float32 tensor (best of 5);
+  * read:  torch.sum over buffers of the weight's size, interleaved with the two above: the
+           rate one call of that size streams at, launch and ramp-up included (on a shared
+           VM the 2 GiB figure and this one drift apart by up to 2x within minutes);
   * prefill (L=512): our integer path and our tiles-then-GEMM path vs a dense torch matmul
     in bfloat16 (where native) or float32, GOP/s.
 Each timed call uses the next of several copies of the weight (>= --pool-mb in all), so the
@@ -92,18 +95,24 @@ def bench_decode(M: int, K: int, spec: QuantSpec, repeats: int, pool: int) -> di
     copies = max(1, math.ceil(pool / first.nbytes))
     ours = [first] + [cpu.prepare(random_qtensor(M, K, spec, g)) for _ in range(copies - 1)]
     theirs = [torch_weights(M, K, spec, g) for _ in range(max(1, math.ceil(pool / first.nbytes)))]
+    # the same bytes per call read by torch.sum (threaded, one launch), from a pool as large:
+    # the streaming rate a call of this size gets, launch and ramp-up included
+    reads = [torch.ones(first.nbytes // 4) for _ in range(copies)]
     x = torch.randn(1, K, generator=g).bfloat16()
     cpu.gemv(x, ours[0])
     theirs[0][0](x)
-    t_ours, t_torch = [], []
-    for r in range(repeats * copies):  # interleaved: ours, torch, ours, ...
+    t_ours, t_torch, t_read = [], [], []
+    for r in range(repeats * copies):  # interleaved: ours, torch, read, ours, ...
         t_ours.append(_timed(cpu.gemv, x, ours[r % len(ours)]))
         t_torch.append(_timed(theirs[r % len(theirs)][0], x))
+        t_read.append(_timed(torch.sum, reads[r % len(reads)]))
     mo, mt = statistics.median(t_ours), statistics.median(t_torch)
+    read_gbps = reads[0].nbytes / statistics.median(t_read) / 1e9
     return {"shape": [M, K], "scheme": spec.name, "copies": copies,
             "ours_ms": mo * 1e3, "ours_gbps": first.nbytes / mo / 1e9, "ours_bytes": first.nbytes,
             "torch_ms": mt * 1e3, "torch_gbps": theirs[0][1] / mt / 1e9,
-            "torch_bytes": theirs[0][1], "speedup_vs_torch": mt / mo}
+            "torch_bytes": theirs[0][1], "speedup_vs_torch": mt / mo,
+            "same_size_read_gbps": read_gbps}
 
 
 def bench_prefill(M: int, K: int, spec: QuantSpec, L: int, repeats: int) -> dict:
@@ -190,7 +199,7 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     res: dict = {"machine": platform.processor() or platform.machine(), "threads": threads,
                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                 "simd_bytes": cpu.SIMD, "torch": torch.__version__,
+                 "simd_bytes": cpu.ROWS * 4, "vnni": cpu.VNNI, "torch": torch.__version__,
                  "numba": numba.__version__, "decode": [], "prefill": []}
     bw_before = read_bandwidth()
     for spec in specs:
@@ -226,15 +235,18 @@ def _row(r: dict) -> None:
 def _report(res: dict) -> None:
     bw = res["read_bandwidth_gbps"]
     out = sys.stderr
-    print(f"\nthreads {res['threads']}, SIMD {res['simd_bytes']} B, read bandwidth {bw:.1f} GB/s",
+    print(f"\nthreads {res['threads']}, {res['simd_bytes'] * 8}-bit loops"
+          f"{' (VNNI)' if res['vnni'] else ''}, read bandwidth {bw:.1f} GB/s",
           file=out)
     print(f"{'scheme':9} {'M x K':>13} {'ours ms':>8} {'GB/s':>6} {'%bw':>5} {'torch ms':>9} "
-          f"{'GB/s':>6} {'ours/torch':>10}", file=out)
+          f"{'GB/s':>6} {'ours/torch':>10} {'same-size read GB/s':>20} {'ours/read':>9}",
+          file=out)
     for r in res["decode"]:
+        rd = r["same_size_read_gbps"]
         print(f"{r['scheme']:9} {r['shape'][0]:>6}x{r['shape'][1]:<6} {r['ours_ms']:8.2f} "
               f"{r['ours_gbps']:6.1f} {100 * r['fraction_of_bandwidth']:5.0f} "
-              f"{r['torch_ms']:9.2f} {r['torch_gbps']:6.1f} {r['speedup_vs_torch']:10.2f}",
-              file=out)
+              f"{r['torch_ms']:9.2f} {r['torch_gbps']:6.1f} {r['speedup_vs_torch']:10.2f} "
+              f"{rd:20.1f} {r['ours_gbps'] / rd:9.2f}", file=out)
     for r in res["prefill"]:
         print(f"prefill L={r['L']} {r['scheme']} {r['shape'][0]}x{r['shape'][1]}: integer "
               f"{r['int_gflops']:.0f}, tiles {r['tiles_gflops']:.0f}, dense {r['dense_dtype']} "
