@@ -135,7 +135,7 @@ def bench_prefill(M: int, K: int, spec: QuantSpec, L: int, repeats: int) -> dict
             times[k].append(_timed(f))
     flop = 2 * L * M * K
     med = {k: statistics.median(v) for k, v in times.items()}
-    ours = "tiles" if cpu.BF16_GEMM and L > cpu.PREFILL_MIN[spec.bits] else "int"
+    ours = "tiles" if cpu.uses_tiles(L, spec.bits) else "int"
     return {"shape": [M, K], "scheme": spec.name, "L": L, "dense_dtype": str(dt)[6:],
             **{f"{k}_ms": v * 1e3 for k, v in med.items()},
             **{f"{k}_gflops": flop / v / 1e9 for k, v in med.items()},

@@ -66,7 +66,7 @@ def test_gemv_matches_ref(spec, shape, dtype):
         size = x.float().abs() @ dequantize(q).abs().T  # (L, M)
         assert ((y - ref.gemv(x, q)).abs() <= SAME_ACT_RTOL * size).all()
         assert ((y - ref.qmatmul(x, q)).abs() <= _act_bound(x, q)).all()
-        if not (cpu.BF16_GEMM and L > cpu.PREFILL_MIN[spec.bits]):  # qmatmul takes gemv
+        if not cpu.uses_tiles(L, spec.bits):  # qmatmul takes gemv
             torch.testing.assert_close(kernels.qmatmul(x, q, "cpu"), y, rtol=0, atol=0)
 
 
@@ -82,8 +82,8 @@ def test_prefill_and_dequantize_rows_match_ref(spec):
     torch.testing.assert_close(y, ref.qmatmul(x, q), rtol=1e-5, atol=1e-5)
     xb = x.bfloat16()
     assert _rel(cpu.prefill(xb, pq), ref.prefill(xb, q)) <= BF16_RTOL
-    # qmatmul: tiles where bfloat16 is native and L > PREFILL_MIN, else the integer loop
-    tiles = cpu.BF16_GEMM and 300 > cpu.PREFILL_MIN[spec.bits]
+    # qmatmul: tiles where cpu.TILES and L > PREFILL_MIN, else the integer loop
+    tiles = cpu.uses_tiles(300, spec.bits)
     assert torch.equal(cpu.qmatmul(x, pq), cpu.prefill(x, pq) if tiles else cpu.gemv(x, pq))
 
 

@@ -35,7 +35,7 @@ def test_cpu_qlinear_matches_ref(spec, bias):
     ql_cpu = QLinear.from_linear(lin, spec, backend="cpu")
     ql_ref = QLinear.from_qtensor(ql_cpu.qtensor(), lin.bias, backend="ref")
     with torch.no_grad():
-        tiles = PREFILL_F32_RTOL if cpu.BF16_GEMM else DECODE_RTOL  # L=40: see qmatmul
+        tiles = PREFILL_F32_RTOL if cpu.uses_tiles(80, spec.bits) else DECODE_RTOL  # L=2x40
         for L, tol in ((1, DECODE_RTOL), (5, DECODE_RTOL), (40, tiles)):
             x = torch.randn(2, L, 256)
             y = ql_cpu(x)

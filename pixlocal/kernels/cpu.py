@@ -11,10 +11,11 @@ vpdpbusd with VNNI, else vpmaddubsw + vpmaddwd); the lane is the row, so a group
 apply as one vector. Against the row-major file layout this took int4 decode from 12-13 to
 17-18 GB/s on an AVX2 host (bench/README.md). Without AVX2 the backend refuses (kernels picks
 "ref"). Rows are split over threads by block (prange); TOKENS tokens share a pass over a
-block, so prefill runs in integers too where bfloat16 is emulated (BF16_GEMM false: AVX2
-hosts, 2x the float32 GEMM there). Where it is native, prefill above PREFILL_MIN[bits] tokens
-dequantizes tiles of rows (IR, exact) to bfloat16 or float32 and multiplies them by torch's
-GEMM. Public functions have twins of the same name and signature in ref.py (plain torch);
+block, so prefill runs in integers too: 2x the float32 GEMM on AVX2 hosts (bfloat16
+emulated), 1.2-1.5x the bfloat16 GEMM with 512-bit VNNI loops. Elsewhere (TILES: AMX, or
+native bfloat16 with 256-bit loops) prefill above PREFILL_MIN[bits] tokens dequantizes tiles
+of rows (IR, exact) to bfloat16 or float32 and multiplies them by torch's GEMM. Public
+functions have twins of the same name and signature in ref.py (plain torch);
 decode_attention lives in cpu_attn.py, prepare and fuse in cpu_layout.py.
 """
 
@@ -36,11 +37,20 @@ from .cpu_layout import ROWS, SIMD, VNNI, CpuQ, _np, fuse, prepare  # noqa: F401
 
 # Shapes: L tokens · K in-features · M out-features · G group size · N = K // G · H = G / 2
 
-# Where bfloat16 is native (BF16_GEMM), more tokens than this (per bit width) take tiles +
-# GEMM (bench/kernels.py's crossover, AVX-512 BF16 host, 14336x5120 g32, 2 threads).
+# Where TILES, more tokens than this (per bit width) take tiles + GEMM (bench/kernels.py's
+# crossover, AVX-512 BF16 host with the 8-row loops, 14336x5120 g32, 2 threads).
 PREFILL_MIN = {4: 16, 8: 8}
 TILE_BYTES = 8 << 20  # dequantized tile for prefill (~800 rows of K=5120 in bf16: fastest GEMM)
 BF16_GEMM = native_bf16()  # else prefill multiplies float32 tiles
+# Tiles + GEMM only where they beat the integer loops: 512-bit VNNI loops ran L=512 prefill
+# at 500-630 GOP/s, tiles 310-365, a dense bfloat16 matmul 400-436 (Zen 4, 2 threads). AMX
+# (not measured here) or native bfloat16 with 256-bit loops keep the tiles.
+TILES = bool(torch.cpu._is_amx_tile_supported() or (BF16_GEMM and ROWS == 8))
+
+
+def uses_tiles(L: int, bits: int) -> bool:
+    """Whether qmatmul takes prefill (tiles + GEMM) for L tokens, else gemv."""
+    return TILES and L > PREFILL_MIN[bits]
 
 
 # numba's "omp" layer with OpenMP workers passive (OMP_WAIT_POLICY=PASSIVE, set by `import
@@ -261,9 +271,9 @@ def prefill(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
 
 
 def qmatmul(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
-    """x (L, K) @ W.T → (L, M): prefill (float32, or bfloat16 for bfloat16 x) for L >
-    PREFILL_MIN[bits] where bfloat16 is native, else gemv (float32)."""
+    """x (L, K) @ W.T → (L, M): prefill (float32, or bfloat16 for bfloat16 x) where
+    uses_tiles, else gemv (float32)."""
     assert x.dim() == 2 and x.shape[1] == q.shape[1], (tuple(x.shape), q.shape)
-    if BF16_GEMM and x.shape[0] > PREFILL_MIN[q.spec.bits]:
+    if uses_tiles(x.shape[0], q.spec.bits):
         return prefill(x, q)
     return gemv(x, q)
