@@ -22,7 +22,8 @@ class QLinear(nn.Module):
     `backend` names the qmatmul kernel (kernels.BACKENDS); the loader sets it per device.
     The weight is prepared for the backend (kernels.prepare) at the first forward and again
     whenever the buffers are replaced (load_state_dict, .to()); the cpu backend's prepared
-    weight shares the buffers' memory; the cuda backend's int4 repack replaces it, so the
+    weight is a repacked copy (the loader then releases the file's pages the buffers map,
+    and may stack layers: `fuse`); the cuda backend's int4 repack replaces it, so the
     stored buffers are then emptied (state_dict() no longer holds the weight). The output has
     the input's dtype.
     """
