@@ -125,23 +125,34 @@ def _scale(v, int4, bf16):
 
 # ---- numba kernels -------------------------------------------------------------------------
 
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half to even
+
+
+@njit(inline="always")
+def _quantize_row(x, t, G, a, d, asum):
+    """Row t of x (L, K) float32 → a[t] int8 = round(x / d) half to even, d[t] = absmax /
+    127 per group (0 for an all-zero group), asum[t]. Branch-free inner loops and the magic
+    constant instead of np.round's call: 2x faster, the same bits."""
+    for g in range(x.shape[1] // G):
+        xs, aa = x[t, g * G:g * G + G], a[t, g * G:g * G + G]
+        amax = np.float32(0.0)
+        for j in range(G):
+            amax = max(amax, abs(xs[j]))
+        dd = amax / np.float32(127.0)
+        d[t, g] = dd
+        div = dd if dd > 0 else np.float32(1.0)
+        s = 0
+        for j in range(G):
+            q = np.int32((xs[j] / div + _MAGIC) - _MAGIC)
+            aa[j] = q
+            s += q
+        asum[t, g] = s
+
+
 @njit(cache=True)
 def _quantize_rows(x, G, a, d, asum):
-    """x (L, K) float32 → a (L, K) int8 = round(x / d), d (L, N) = absmax / 127, asum (L, N)."""
-    L, K = x.shape
-    for t in range(L):
-        for g in range(K // G):
-            amax = np.float32(0.0)
-            for j in range(g * G, g * G + G):
-                amax = max(amax, abs(x[t, j]))
-            dd = amax / np.float32(127.0)
-            d[t, g] = dd
-            s = 0
-            for j in range(g * G, g * G + G):
-                q = np.int8(np.round(x[t, j] / dd)) if dd > 0 else np.int8(0)
-                a[t, j] = q
-                s += q
-            asum[t, g] = s
+    for t in range(x.shape[0]):
+        _quantize_row(x, t, G, a, d, asum)
 
 
 @njit(parallel=True, cache=True)
@@ -152,7 +163,12 @@ def _gemv(qw, sz, int4, bf16, x, G, out):
     N, BB, SZ, Mp = K // G, qw.shape[1], sz.shape[1], out.shape[1]
     a, d = np.empty((L, K), np.int8), np.empty((L, N), np.float32)
     asum = np.empty((L, N), np.int32)
-    _quantize_rows(x, G, a, d, asum)
+    if L >= TOKENS:  # prefill: tokens on threads (one launch more than decode can afford)
+        for t in prange(L):
+            _quantize_row(x, t, G, a, d, asum)
+    else:
+        for t in range(L):
+            _quantize_row(x, t, G, a, d, asum)
     e = d * asum.astype(np.float32) * np.float32(1.0 / 16.0)
     Ln = L - L % TOKENS
     for b in prange(qw.shape[0]):
