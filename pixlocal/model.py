@@ -92,7 +92,6 @@ class Attention(nn.Module):
         return self.wo(o.transpose(0, 1).reshape(L, -1))
 
 
-
 class Block(nn.Module):
     def __init__(self, args: PixtralArgs):
         super().__init__()

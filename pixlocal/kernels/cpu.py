@@ -77,7 +77,7 @@ def set_threads(n: int | None = None) -> int:
 THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
-_LLIR_REVISION = 12  # numba caches by this file's contents: bump with every llir.py change
+_LLIR_REVISION = 13  # numba caches by this file's contents: bump with every llir.py change
 
 
 def _block(bits: int, T: int, vnni: bool = VNNI, rows: int = ROWS):  # noqa: ANN202
@@ -235,11 +235,11 @@ def quantize_activation(x: torch.Tensor, group_size: int
 def gemv(x: torch.Tensor, q: QTensor | CpuQ) -> torch.Tensor:
     """x (L, K) @ W.T → (L, M) float32 with x quantized per group to int8 first (decode)."""
     pq = prepare(q)
-    M, G = pq.shape[0], pq.spec.group_size
-    xf = _np(x.float())
     if pq.rows != ROWS:
         raise ValueError(f"weight packed in blocks of {pq.rows} rows; this host's loops take "
                          f"{ROWS}")
+    M, G = pq.shape[0], pq.spec.group_size
+    xf = _np(x.float())
     out = np.empty((xf.shape[0], pq.qweight.shape[0] * ROWS), np.float32)
     _gemv(pq.qweight, pq.sz, pq.spec.bits == 4, pq.bf16, xf, G, out)
     y = torch.from_numpy(out)

@@ -20,7 +20,11 @@ PARALLEL_MIN = 1 << 19
 
 
 def _to_f32(v):  # noqa: ANN001, ANN202
-    raise NotImplementedError  # only called from jitted code (overload below)
+    """A cache element as float32: uint16 bfloat16 bits, or a float. In Python as written;
+    in jitted code through the overload below, chosen by v's type at compile time."""
+    if isinstance(v, np.uint16):
+        return np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+    return np.float32(v)
 
 
 @overload(_to_f32, inline="always")

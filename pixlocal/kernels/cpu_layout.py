@@ -118,5 +118,3 @@ def fuse(pqs: list[CpuQ]) -> tuple[CpuQ, list[CpuQ]] | None:
         views.append(CpuQ(qw[b0:b1], sz[b0:b1], p.bf16, p.shape, p.spec))
         b0 = b1
     return CpuQ(qw, sz, p0.bf16, (sum(p.shape[0] for p in pqs), p0.shape[1]), p0.spec), views
-
-

@@ -1,7 +1,7 @@
 """LLVM IR for the cpu backend's inner loops (llvmlite only; cpu.py wraps each builder in a
 numba @intrinsic). Each function returns a codegen(context, builder, signature, args) for
-array and integer arguments. The decode loops are AVX2 (256-bit; they run unchanged on
-AVX-512 hosts, where LLVM may give them EVEX encodings).
+array and integer arguments. The decode loops come in three widths: AVX2 (256-bit, 8-row
+blocks), VNNI on 256 bits (AVX-VNNI or AVX512-VNNI, 8 rows) and VNNI on 512 bits (16 rows).
 
 numba's cache is keyed on cpu.py's contents, not this file's: after editing this file bump
 cpu._LLIR_REVISION (or clear pixlocal/kernels/__pycache__) so the kernels compile again.
@@ -97,10 +97,9 @@ class _IR:
 def block(bits: int, T: int, vnni: bool = False, rows: int = ROWS) -> Codegen:
     """(qw, qoff, sz, soff, a, aoff, astr, d, e, doff, dstr, ngroups, g, bf16, out, ooff,
     ostr) → void: T tokens times one block of ROWS rows of an interleaved weight
-    (cpu.prepare; rows = 16 with 512-bit vectors, vnni only), all ngroups groups of G = g
-    columns (32, 64 or 128). Token t's int8
-    activations start at a[aoff + t*astr], its group scales at d/e[doff + t*dstr]; its ROWS
-    float32 results go to out[ooff + t*ostr:].
+    (cpu_layout.prepare; rows = 16 with 512-bit vectors, vnni only), all ngroups groups of
+    G = g columns (32, 64 or 128). Token t's int8 activations start at a[aoff + t*astr], its
+    group scales at d/e[doff + t*dstr]; its `rows` float32 results go to out[ooff + t*ostr:].
 
     The block's bytes from qw[qoff] are chunks of 32: chunk = dword i of each of the 8 rows
     (row-major bytes 4i..4i+3 of every row), so lane r of a 256-bit vector is row r and one
@@ -131,12 +130,14 @@ def block(bits: int, T: int, vnni: bool = False, rows: int = ROWS) -> Codegen:
     def codegen(context, builder, signature, args):
         x, b = _IR(context, builder, signature, args), builder
         v8, v16w, v8d, v8f = _vt(W, _I8), _vt(16, _I16), _vt(rows, _I32), _vt(rows, _F32)
-        mub = x.fn("llvm.x86.avx2.pmadd.ub.sw", v16w, v8, v8)
-        mwd = x.fn("llvm.x86.avx2.pmadd.wd", v8d, v16w, v16w)
-        sign = x.fn("llvm.x86.avx2.psign.b", v8, v8, v8)
-        absb = x.fn("llvm.abs.v32i8", v8, v8, ir.IntType(1))
-        ones = _vc(16, _I16, 1)
-        dpb = x.fn(f"llvm.x86.avx512.vpdpbusd.{32 * rows}", v8d, v8d, v8d, v8d)
+        if vnni:  # declare only the instructions this variant uses, at its vector width
+            dpb = x.fn(f"llvm.x86.avx512.vpdpbusd.{32 * rows}", v8d, v8d, v8d, v8d)
+        else:
+            mub = x.fn("llvm.x86.avx2.pmadd.ub.sw", v16w, v8, v8)
+            mwd = x.fn("llvm.x86.avx2.pmadd.wd", v8d, v16w, v16w)
+            sign = x.fn("llvm.x86.avx2.psign.b", v8, v8, v8)
+            absb = x.fn("llvm.abs.v32i8", v8, v8, ir.IntType(1))
+            ones = _vc(16, _I16, 1)
 
         def dot_into(acc, w, a):  # acc += u8 w . s8 a per dword (vnni)
             b.store(b.call(dpb, [b.load(acc), b.bitcast(w, v8d), b.bitcast(a, v8d)]), acc)
