@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .config import PixtralArgs, read_args
 from .errors import FormatError, ModelNotFound, PixlocalError
 from .layers import FeedForward
-from .model import Attention, PixtralModel
+from .model import Attention, FusedDecode, PixtralModel
 from .qembedding import QEmbedding
 from .qlinear import QLinear, fuse
 
@@ -116,7 +116,8 @@ def prepare_quantized(model: nn.Module, ckpt: Checkpoint) -> None:
     """Repack every QLinear on the CPU for its backend now, not at its first token; drop the
     mapped pages of the stored tensors a cpu repack copied (they reload from the file if
     touched): RSS holds each weight once, not twice. Then stacks wq/wk/wv and w1/w3 where
-    the backend can (qlinear.fuse): one kernel call each per token."""
+    the backend can (qlinear.fuse): one kernel call each per token; and where every layer
+    is so stacked, decode runs a layer per kernel call (model.FusedDecode)."""
     for name, mod in model.named_modules():
         if isinstance(mod, QLinear) and mod.qweight.device.type == "cpu":
             mod.prepared()
@@ -129,6 +130,8 @@ def prepare_quantized(model: nn.Module, ckpt: Checkpoint) -> None:
             mod.qkv = fuse([mod.wq, mod.wk, mod.wv])
         elif isinstance(mod, FeedForward):
             mod.w13 = fuse([mod.w1, mod.w3])
+    if isinstance(model, PixtralModel):
+        model.fused_decode = FusedDecode(model)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",

@@ -16,6 +16,7 @@ from torch import nn
 from . import kernels
 from .config import PixtralArgs
 from .layers import FeedForward, RMSNorm
+from .qlinear import Fused, QLinear
 from .rope import apply_rotary_emb, freqs_cis_1d
 from .vision import VisionEncoder, VisionLanguageAdapter
 
@@ -106,6 +107,44 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class FusedDecode:
+    """Decode steps through the backend's one-call-per-layer kernel (kernels.decode_stack)
+    instead of the modules: for models whose every layer has wq/wk/wv and w1/w3 fused
+    (qlinear.fuse) on one backend. It answers None, and the modules run, wherever it does
+    not apply: another dtype or device, or weights replaced since it was built."""
+
+    def __init__(self, model: PixtralModel) -> None:
+        self.stack, self.mods, self.norms = None, [], []
+        layers = []
+        for blk in model.layers:
+            a, f = blk.attention, blk.feed_forward
+            if not (isinstance(a.qkv, Fused) and isinstance(f.w13, Fused)
+                    and isinstance(a.wo, QLinear) and isinstance(f.w2, QLinear)):
+                return
+            self.mods += [(m, m.prepared()) for m in (*a.qkv.mods, a.wo, *f.w13.mods, f.w2)]
+            n1, n2 = blk.attention_norm.weight, blk.ffn_norm.weight
+            self.norms += [(n, n._version) for n in (n1, n2)]
+            layers.append((n1, a.qkv.p, a.wo.prepared(), n2, f.w13.p, f.w2.prepared()))
+        r = model.args
+        self.norm_mods = [m for blk in model.layers for m in (blk.attention_norm, blk.ffn_norm)]
+        backends = {m.backend for m, _ in self.mods}
+        if len(backends) == 1:
+            self.stack = kernels.decode_stack(layers, r.n_heads, r.n_kv_heads, r.head_dim,
+                                              r.norm_eps, backends.pop())
+
+    def __call__(self, h: torch.Tensor, start: int, cache: KVCache, freqs_cis: torch.Tensor
+                 ) -> torch.Tensor | None:
+        """h (1, D) at position start through every layer, or None if this cannot."""
+        if (self.stack is None or h.dtype not in (torch.bfloat16, torch.float32)
+                or h.device.type != "cpu" or any(k.dtype != h.dtype for k in cache.k)
+                or any(m.prepared() is not p for m, p in self.mods)
+                or any(mod.weight is not n or n._version != v
+                       for mod, (n, v) in zip(self.norm_mods, self.norms, strict=True))):
+            return None
+        out: torch.Tensor = self.stack(h, start, cache.k, cache.v, freqs_cis)
+        return out
+
+
 class PixtralModel(nn.Module):
     def __init__(self, args: PixtralArgs):
         super().__init__()
@@ -119,6 +158,7 @@ class PixtralModel(nn.Module):
             self.vision_encoder = VisionEncoder(v)
             self.vision_language_adapter = VisionLanguageAdapter(v.hidden_size, args.dim,
                                                                  v.adapter_bias)
+        self.fused_decode: FusedDecode | None = None  # set by the loader (FusedDecode)
 
     def image_features(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Images (C, H, W) -> (ΣN, D) rows for the [IMG] positions, in order."""
@@ -146,9 +186,12 @@ class PixtralModel(nn.Module):
         L = h.shape[0]
         pos = torch.arange(start, start + L, device=h.device)
         freqs_cis = freqs_cis_1d(pos, self.args.head_dim, self.args.rope_theta)  # (L, Dh/2)
-        for i, layer in enumerate(self.layers):
+        fused = self.fused_decode if L == 1 and cache is not None else None
+        out = None if fused is None else fused(h, start, cache, freqs_cis)
+        for i, layer in enumerate(self.layers if out is None else ()):
             dev = layer.attention_norm.weight.device  # partial offload: cross CPU <-> GPU
             h, freqs_cis = h.to(dev), freqs_cis.to(dev)  # (a no-op on the same device)
             h = layer(h, freqs_cis, i, cache, start)
+        h = h if out is None else out
         h = h[logits_from:].to(self.norm.weight.device)
         return self.output(self.norm(h)).float()

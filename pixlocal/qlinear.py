@@ -115,8 +115,12 @@ class Fused:
         self.mods, self.p, self.views = mods, p, views
         self.sizes = [m.out_features for m in mods]
 
+    def valid(self) -> bool:
+        """Whether every layer still computes with its view of the stack."""
+        return all(m.prepared() is v for m, v in zip(self.mods, self.views, strict=True))
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if any(m.prepared() is not v for m, v in zip(self.mods, self.views, strict=True)):
+        if not self.valid():
             return [m(x) for m in self.mods]
         lead = x.shape[:-1]
         y = kernels.qmatmul(x.reshape(-1, x.shape[-1]), self.p, self.mods[0].backend)

@@ -227,3 +227,23 @@ def test_every_block_variant_matches_ref(vnni, rows):
                 err = (torch.from_numpy(out[:, :20]) - ref.gemv(x, q)).abs()
                 assert (err <= SAME_ACT_RTOL * size).all(), (bits, T, G)
                 assert torch.equal(cpu.dequantize_rows(pq, 3, 19), dequantize(q)[3:19])
+
+
+def test_numba_cache_keys_cover_the_sources_they_embed():
+    """numba keys a cached function on its own file; cpu.py's kernels embed llir.py's loops and
+    cpu_decode's layer embeds cpu.py's and cpu_attn.py's kernels. Each holds a digest of
+    those files, so changing them changes it, and its cache is rebuilt (else a stale one
+    runs)."""
+    import hashlib
+    from pathlib import Path
+
+    from pixlocal.kernels import cpu_decode
+
+    here = Path(cpu.__file__).parent
+    for mod, deps in ((cpu, ["llir.py"]), (cpu_decode, ["cpu.py", "cpu_attn.py", "llir.py"])):
+        h = hashlib.sha256()
+        for name in deps:
+            h.update((here / name).read_bytes())
+        assert mod._SOURCES == h.hexdigest()[:16], (
+            f"{Path(mod.__file__).name}: set _SOURCES = \"{h.hexdigest()[:16]}\" (digest of "
+            f"{', '.join(deps)})")

@@ -79,6 +79,7 @@ def test_loader_fuses_projections_with_the_same_results(tmp_path, tiny_ckpt):
     m = pixlocal.load(tmp_path / "q", dtype="float32")
     layers = list(m.model.layers)
     assert all(b.attention.qkv is not None and b.feed_forward.w13 is not None for b in layers)
+    m.model.fused_decode = None  # the modules' own path (test_cpu_decode: the layer kernel)
     enc = m.encode([{"role": "user", "content": "Hello there"}])
 
     def run() -> list[torch.Tensor]:

@@ -62,6 +62,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: int
     return out
 
 
+def decode_stack(layers: list[tuple[Any, ...]], n_heads: int, n_kv_heads: int, head_dim: int,
+                 eps: float, backend: str) -> Any:
+    """A callable running one decode token through every decoder layer in one kernel call
+    per layer (cpu_decode.DecodeStack documents the arguments), or None where `backend` has
+    no such kernel or the weights are not its prepared form."""
+    if backend != "cpu":
+        return None
+    from .cpu_decode import CpuQ, DecodeStack
+    if not all(isinstance(w, CpuQ) for lw in layers for w in lw[1:3] + lw[4:]):
+        return None
+    return DecodeStack(layers, n_heads, n_kv_heads, head_dim, eps)
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyperthread siblings counted once)."""
     try:

@@ -77,7 +77,9 @@ def set_threads(n: int | None = None) -> int:
 THREADS = set_threads()
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
-_LLIR_REVISION = 13  # numba caches by this file's contents: bump with every llir.py change
+# numba's cache is keyed on this file alone, yet the kernels embed llir.py's loops: its
+# digest here (tests/test_kernels.py checks it) changes this file whenever llir.py changes.
+_SOURCES = "33284461ec1a1b1b"
 
 
 def _block(bits: int, T: int, vnni: bool = VNNI, rows: int = ROWS):  # noqa: ANN202
