@@ -34,8 +34,10 @@ import time
 
 # torch's OpenMP workers spin after each op and steal the cores from numba's threads: with the
 # default policy our int4 decode ran at 11 GB/s, with PASSIVE at 20 GB/s (torch's own kernels
-# unchanged). Must be set before torch starts OpenMP; the CLI should do the same.
+# unchanged). Must be set before torch starts OpenMP; `import pixlocal` does the same, and
+# bounds the workers' spinning instead of sleeping at once (pixlocal/__init__.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
 
 import numba  # noqa: E402
 import torch  # noqa: E402
@@ -199,6 +201,7 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     res: dict = {"machine": platform.processor() or platform.machine(), "threads": threads,
                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                 "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
                  "simd_bytes": cpu.ROWS * 4, "vnni": cpu.VNNI, "torch": torch.__version__,
                  "numba": numba.__version__, "decode": [], "prefill": []}
     bw_before = read_bandwidth()

@@ -13,10 +13,15 @@ torch is imported on first use of the API, so `import pixlocal` and the CLI's --
 import os
 from typing import Any
 
-# torch's OpenMP workers spin after each parallel region by default; between our numba kernels
-# that spinning steals the cores (int4 decode 11 -> 20 GB/s with PASSIVE, bench/README.md).
-# Read once when torch loads, so it must be set before: `import pixlocal` comes first.
+# OpenMP's workers (torch's libgomp, which numba's "omp" layer uses too: one pool) by default
+# spin without bound after each parallel region, stealing the cores from what runs between
+# (int4 decode 11 -> 20 GB/s with PASSIVE, bench/README.md). Asleep, though, a worker takes
+# ~55 us to wake on a 2-vCPU VM, and a decode step opens ~40 regions: bounded spinning keeps
+# it awake between them (a 2-thread region 57 -> 1.9 us; decode 11.4-12.5 -> 14.7-16.7 tok/s,
+# 8-layer Nemo) and lets it sleep ~28 ms after the last. Read once, when torch loads: `import
+# pixlocal` must come first.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
 
 from .errors import (
     ConfigError,

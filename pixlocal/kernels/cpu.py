@@ -53,10 +53,11 @@ def uses_tiles(L: int, bits: int) -> bool:
     return TILES and L > PREFILL_MIN[bits]
 
 
-# numba's "omp" layer with OpenMP workers passive (OMP_WAIT_POLICY=PASSIVE, set by `import
-# pixlocal`): 13.1-14.7 tok/s decode against 10.7-11.6 with "workqueue" (8-layer Nemo int4, 2
-# threads); spinning workers (OMP default, or GOMP_SPINCOUNT) ran slower still, so workqueue
-# is kept then. NUMBA_THREADING_LAYER wins.
+# numba's "omp" layer shares torch's OpenMP pool; with its workers passive but spinning a
+# bounded while (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT, set by `import pixlocal`) it ran
+# decode at 13.1-14.7 tok/s against 10.7-11.6 with "workqueue" (8-layer Nemo int4, 2
+# threads, before the spin count); with unbounded spinning workqueue is kept.
+# NUMBA_THREADING_LAYER wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     numba.config.THREADING_LAYER_PRIORITY = (["omp", "workqueue", "tbb"] if passive else
