@@ -115,6 +115,7 @@ class FusedDecode:
 
     def __init__(self, model: PixtralModel) -> None:
         self.stack, self.mods, self.norms = None, [], []
+        self.norm_mods = [m for blk in model.layers for m in (blk.attention_norm, blk.ffn_norm)]
         layers = []
         for blk in model.layers:
             a, f = blk.attention, blk.feed_forward
@@ -126,7 +127,6 @@ class FusedDecode:
             self.norms += [(n, n._version) for n in (n1, n2)]
             layers.append((n1, a.qkv.p, a.wo.prepared(), n2, f.w13.p, f.w2.prepared()))
         r = model.args
-        self.norm_mods = [m for blk in model.layers for m in (blk.attention_norm, blk.ffn_norm)]
         backends = {m.backend for m, _ in self.mods}
         if len(backends) == 1:
             self.stack = kernels.decode_stack(layers, r.n_heads, r.n_kv_heads, r.head_dim,

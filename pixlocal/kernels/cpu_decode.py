@@ -53,7 +53,7 @@ def _rmsnorm(h, w, eps, bf, out):
 
 @njit(inline="always")
 def _mm(w, x, out):
-    """out = x (1, K) @ W.T through the gemv kernel; w = (qweight, sz, int4, bf16, G)."""
+    """out = x (1, K) @ W.T through the gemv kernel; w as _weight makes it."""
     _gemv(w[0], w[1], w[2], w[3], x, w[4], out)
 
 
