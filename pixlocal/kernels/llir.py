@@ -16,12 +16,19 @@ from llvmlite import ir
 
 Codegen = Callable[[Any, ir.IRBuilder, Any, list], ir.Value]
 
-# Software prefetch distance of the weight stream: 2048 bytes ahead took int4 decode from
-# ~9 to ~12 GB/s here (1024: ~11, 4096: same as 2048); prefetches past the end never fault.
-PREFETCH = 2048
-# int8 streams twice the bytes per multiply-add: 1024 ahead gave 1.46-1.56x torch against
-# 1.26-1.47x without and 1.27-1.48x at 4096 (alternating runs on the AVX2 host)
-PREFETCH8 = 1024
+# Software prefetch of the weight stream, into L2 (prefetcht1), PREFETCH bytes ahead (int4) or
+# PREFETCH8 (int8, twice the bytes per multiply-add). Into L1 (prefetcht0) a core kept fewer
+# lines in flight. Zen 4 host, copies of _gemv differing only in these, timed in turn in one
+# process, weights from DRAM, 1 / 2 threads: int4 14336x5120 15.2 / 26.0 GB/s (L1, 2048
+# ahead), 19.3 / 29.4 (L2, 4096), 21.4-22.8 / 32.8-39.8 (L2, 6144; 8192-16384 no better);
+# int8 5120x14336 18.7 / 27.5 (L1, 1024), 22.2-23.0 / 29.5-30.0 (L2, 2048; 3072-8192 worse).
+# Earlier, on the AVX2 host, 2048 ahead (into L1) took int4 from ~9 to ~12 GB/s. Prefetches
+# past the end of an array never fault.
+PREFETCH, PREFETCH8, PREFETCH_LOCALITY = 6144, 2048, 2
+# int4's group records (scale and zero codes), a second stream of 1/8 the bytes at g32, read
+# PREFETCH_SZ bytes ahead: 22.2-22.6 -> 24.0-24.1 GB/s on 1 thread, 31.8 -> 32.7 on 2 (same
+# setup). int8's (float16 scales) ran slower with it (19.9 -> 17.8).
+PREFETCH_SZ = 2048
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _FC = ("contract",)  # let LLVM fuse multiply and add into an FMA
 ROWS = 8  # rows per interleaved block: one int32 lane of a 256-bit vector each
@@ -72,7 +79,8 @@ class _IR:
         """Hint a read of array i at element off + ahead (bytes ahead of the stream)."""
         p = self.ptr(i, self.b.add(off, self.k(ahead)), _I8)
         pf = self.fn("llvm.prefetch.p0i8", ir.VoidType(), _I8.as_pointer(), _I32, _I32, _I32)
-        self.b.call(pf, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        self.b.call(pf, [p, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY),
+                          ir.Constant(_I32, 1)])
 
     def fma_into(self, acc: ir.Value, x: ir.Value, y: ir.Value) -> None:
         b = self.b
@@ -202,6 +210,8 @@ def block(bits: int, T: int, vnni: bool = False, rows: int = ROWS) -> Codegen:
                         b.store(b.add(b.load(acc), b.call(mwd, [parts[t], ones])), acc)
 
             x.loop(b.lshr(G, x.k(5)), sub)
+            if int4 and PREFETCH_SZ:
+                x.prefetch(2, b.add(soff, b.mul(g, x.k(2 * rows))), PREFETCH_SZ)
             if int4:
                 rec = x.load(2, b.add(soff, b.mul(g, x.k(2 * rows))), _vt(2 * rows, _I8))
                 sc = b.zext(b.shuffle_vector(rec, rec, _vc(rows, _I32, list(range(rows)))), v8d)
