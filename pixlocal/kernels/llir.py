@@ -75,9 +75,10 @@ class _IR:
         self.b.store(ir.Constant(ty, None), p)
         return p
 
-    def prefetch(self, i: int, off: ir.Value, ahead: int = PREFETCH) -> None:
-        """Hint a read of array i at element off + ahead (bytes ahead of the stream)."""
-        p = self.ptr(i, self.b.add(off, self.k(ahead)), _I8)
+    def prefetch(self, i: int, off: ir.Value, ahead: int | None = None) -> None:
+        """Hint a read of array i at element off + ahead (bytes ahead of the stream; default
+        PREFETCH, read when the loop is generated, as is PREFETCH_LOCALITY)."""
+        p = self.ptr(i, self.b.add(off, self.k(PREFETCH if ahead is None else ahead)), _I8)
         pf = self.fn("llvm.prefetch.p0i8", ir.VoidType(), _I8.as_pointer(), _I32, _I32, _I32)
         self.b.call(pf, [p, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY),
                           ir.Constant(_I32, 1)])
