@@ -17,18 +17,16 @@ from llvmlite import ir
 Codegen = Callable[[Any, ir.IRBuilder, Any, list], ir.Value]
 
 # Software prefetch of the weight stream, into L2 (prefetcht1), PREFETCH bytes ahead (int4) or
-# PREFETCH8 (int8, twice the bytes per multiply-add). Into L1 (prefetcht0) a core kept fewer
-# lines in flight. Zen 4 host, copies of _gemv differing only in these, timed in turn in one
-# process, weights from DRAM, 1 / 2 threads: int4 14336x5120 15.2 / 26.0 GB/s (L1, 2048
-# ahead), 19.3 / 29.4 (L2, 4096), 21.4-22.8 / 32.8-39.8 (L2, 6144; 8192-16384 no better);
-# int8 5120x14336 18.7 / 27.5 (L1, 1024), 22.2-23.0 / 29.5-30.0 (L2, 2048; 3072-8192 worse).
-# Earlier, on the AVX2 host, 2048 ahead (into L1) took int4 from ~9 to ~12 GB/s. Prefetches
-# past the end of an array never fault.
-PREFETCH, PREFETCH8, PREFETCH_LOCALITY = 6144, 2048, 2
-# int4's group records (scale and zero codes), a second stream of 1/8 the bytes at g32, read
-# PREFETCH_SZ bytes ahead: 22.2-22.6 -> 24.0-24.1 GB/s on 1 thread, 31.8 -> 32.7 on 2 (same
-# setup). int8's (float16 scales) ran slower with it (19.9 -> 17.8).
-PREFETCH_SZ = 2048
+# PREFETCH8 (int8, twice the bytes per multiply-add), and of int4's group records (scale and
+# zero codes, a second stream of 1/8 the bytes at g32) PREFETCH_SZ ahead. Into L1
+# (prefetcht0) a core kept fewer lines in flight. bench/prefetch.py on a Zen 4 host, GB/s on
+# 1 / 2 threads, the old setting (L1; int4 2048 ahead, int8 1024) against these in the same
+# run: int4 14336x5120 22.2-22.8 / 29.6-32.4 vs 24.0-24.2 / 31.5-32.7; int8 5120x14336
+# 18.7-20.6 / 27.5-36.8 vs 22.2-23.7 / 30.0-42.5. Further ahead was no better (int4 8192-16384)
+# or worse (int8 3072-8192); int8's scales prefetched ran slower (19.9 -> 17.8). Earlier, on
+# the AVX2 host, 2048 ahead (into L1) took int4 from ~9 to ~12 GB/s. Prefetches past the end
+# of an array never fault.
+PREFETCH, PREFETCH8, PREFETCH_LOCALITY, PREFETCH_SZ = 6144, 2048, 2, 2048
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _FC = ("contract",)  # let LLVM fuse multiply and add into an FMA
 ROWS = 8  # rows per interleaved block: one int32 lane of a 256-bit vector each
