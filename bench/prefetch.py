@@ -20,7 +20,6 @@ import math
 import os
 import statistics
 import sys
-import time
 import types
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -34,7 +33,7 @@ from pixlocal.kernels import cpu, llir  # noqa: E402
 from pixlocal.qformat import QuantSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import random_qtensor  # noqa: E402
+from kernels import _timed, random_qtensor  # noqa: E402
 
 
 def variant(dist: int, loc: int, sz: int, bits: int):  # type: ignore[no-untyped-def]
@@ -88,13 +87,10 @@ def main() -> None:
         for _ in range(args.rounds * n):
             for name, fn in fns.items():  # each call on the next weight copy: from DRAM
                 w = ws[i % n]
-                t = time.perf_counter()
-                fn(w.qweight, w.sz, spec.bits == 4, w.bf16, x, spec.group_size, out)
-                times[name].append(time.perf_counter() - t)
+                times[name].append(_timed(fn, w.qweight, w.sz, spec.bits == 4, w.bf16, x,
+                                          spec.group_size, out))
                 i += 1
-            t = time.perf_counter()
-            reads[i % n].sum()
-            times["read"].append(time.perf_counter() - t)
+            times["read"].append(_timed(reads[i % n].sum))
             i += 1
         print(f"{spec.name} {M}x{K} {threads}T  " + "  ".join(
             f"{k} {first.nbytes / statistics.median(v) / 1e9:.1f}" for k, v in times.items()),

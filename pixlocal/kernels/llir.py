@@ -209,10 +209,11 @@ def block(bits: int, T: int, vnni: bool = False, rows: int = ROWS) -> Codegen:
                         b.store(b.add(b.load(acc), b.call(mwd, [parts[t], ones])), acc)
 
             x.loop(b.lshr(G, x.k(5)), sub)
-            if int4 and PREFETCH_SZ:
-                x.prefetch(2, b.add(soff, b.mul(g, x.k(2 * rows))), PREFETCH_SZ)
             if int4:
-                rec = x.load(2, b.add(soff, b.mul(g, x.k(2 * rows))), _vt(2 * rows, _I8))
+                roff = b.add(soff, b.mul(g, x.k(2 * rows)))
+                if PREFETCH_SZ:
+                    x.prefetch(2, roff, PREFETCH_SZ)
+                rec = x.load(2, roff, _vt(2 * rows, _I8))
                 sc = b.zext(b.shuffle_vector(rec, rec, _vc(rows, _I32, list(range(rows)))), v8d)
                 zc = b.zext(b.shuffle_vector(rec, rec, _vc(rows, _I32,
                                                             list(range(rows, 2 * rows)))), v8d)
