@@ -1,11 +1,12 @@
 """Software prefetch settings of the cpu decode loops, compared in one process (not run by CI).
 
     python bench/prefetch.py [--scheme int4-g32] [--shape 14336x5120] \\
-        [--variants 2048:3:0,6144:2:2048] [--rounds 12] [--pool-mb 512]
+        [--variants 2048:3:0,6144:2:2048,6144:2:2048:0] [--rounds 12] [--pool-mb 512]
 
-A variant is DIST:LOCALITY:SZ: the weight stream prefetched DIST bytes ahead (llir.PREFETCH,
-or PREFETCH8 for int8) with llvm.prefetch locality LOCALITY (3: into L1, prefetcht0; 2: into
-L2, prefetcht1), and int4's group records SZ bytes ahead (llir.PREFETCH_SZ; 0: off). Each
+A variant is DIST:LOCALITY:SZ[:MASK]: the weight stream prefetched DIST bytes ahead
+(llir.PREFETCH, or PREFETCH8 for int8) with llvm.prefetch locality LOCALITY (3: into L1,
+prefetcht0; 2: into L2, prefetcht1), int4's group records SZ bytes ahead (llir.PREFETCH_SZ;
+0: off), and llir.HI_MASK (1: int4's high nibbles masked in place, 0: shifted; default 1). Each
 variant is a copy of cpu._gemv compiled with its own settings, so all of them run in one
 process on the same pages; calls take turns over a pool of weight copies (>= --pool-mb) so
 each call streams from DRAM. Prints GB/s (median) per variant and of torch.sum over buffers of
@@ -36,14 +37,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import _timed, random_qtensor  # noqa: E402
 
 
-def variant(dist: int, loc: int, sz: int, bits: int):  # type: ignore[no-untyped-def]
-    """A copy of cpu._gemv whose loops are generated with these prefetch settings."""
-    saved = llir.PREFETCH, llir.PREFETCH8, llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ
+def variant(bits: int, dist: int, loc: int, sz: int, mask: int = llir.HI_MASK
+            ):  # type: ignore[no-untyped-def]
+    """A copy of cpu._gemv whose loops are generated with these settings."""
+    saved = (llir.PREFETCH, llir.PREFETCH8, llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ,
+             llir.HI_MASK)
     if bits == 4:
         llir.PREFETCH = dist
     else:
         llir.PREFETCH8 = dist
-    llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ = loc, sz
+    llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ, llir.HI_MASK = loc, sz, bool(mask)
     try:
         g = dict(cpu.__dict__)
         g["_q4t1"], g["_q8t1"] = cpu._block(4, 1), cpu._block(8, 1)
@@ -53,7 +56,8 @@ def variant(dist: int, loc: int, sz: int, bits: int):  # type: ignore[no-untyped
         q = cpu.prepare(random_qtensor(16, 64, QuantSpec(bits, 32), torch.Generator()))
         fn(q.qweight, q.sz, bits == 4, q.bf16, x, 32, np.empty((1, 16), np.float32))  # compile
     finally:
-        llir.PREFETCH, llir.PREFETCH8, llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ = saved
+        (llir.PREFETCH, llir.PREFETCH8, llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ,
+         llir.HI_MASK) = saved
     return fn
 
 
@@ -68,7 +72,7 @@ def main() -> None:
     spec = QuantSpec.parse(args.scheme)
     M, K = (int(v) for v in args.shape.split("x"))
     names = args.variants.split(",")
-    fns = {n: variant(*(int(v) for v in n.split(":")), spec.bits) for n in names}
+    fns = {n: variant(spec.bits, *(int(v) for v in n.split(":"))) for n in names}
     g = torch.Generator().manual_seed(0)
     first = cpu.prepare(random_qtensor(M, K, spec, g))
     n = max(2, math.ceil((args.pool_mb << 20) / first.nbytes))

@@ -80,7 +80,7 @@ THREADS = set_threads()
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
 # numba's cache is keyed on this file alone, yet the kernels embed llir.py's loops: its
 # digest here (tests/test_kernels.py checks it) changes this file whenever llir.py changes.
-_SOURCES = "16df3aef9b5db3d1"
+_SOURCES = "99f7da3c381e42fe"
 
 
 def _block(bits: int, T: int, vnni: bool = VNNI, rows: int = ROWS):  # noqa: ANN202

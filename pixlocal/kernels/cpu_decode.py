@@ -23,7 +23,7 @@ from .cpu_layout import CpuQ
 # numba's cache is keyed on this file alone, yet _layer's machine code embeds the kernels of
 # cpu.py, cpu_attn.py and llir.py: their digest here (tests/test_kernels.py checks it)
 # changes this file whenever they change.
-_SOURCES = "30f364e60b27e361"
+_SOURCES = "e14373d4e86788a7"
 
 # Shapes: D model dim · F hidden dim · H heads · Hkv kv heads · Dh head dim · S cached tokens
 
