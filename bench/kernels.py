@@ -4,7 +4,11 @@
 
 For each Nemo shape (M x K) and scheme it measures, interleaved in one process with the same
 thread count:
-  * ours:  pixlocal.kernels.cpu.gemv, one token (decode) → ms, GB/s of weight bytes streamed;
+  * ours:  the decode kernel (cpu._gemv) called as a decode step calls it (cpu_decode._layer,
+           from numba: float32 activations, a reused output) → ms, GB/s of weight bytes
+           streamed; `api` is the Python wrapper cpu.gemv around it (bfloat16 input, a fresh
+           output tensor): after a call has streamed its weight through the caches, the
+           wrapper's few torch ops ran cold and added 60-100 us (5-9% at 14336x5120);
   * torch: aten._weight_int4pack_mm_for_cpu (int4, after _convert_weight_to_int4pack_for_cpu,
            group scales+zeros in bf16) / aten._weight_int8pack_mm (int8, per-row scales);
   * read:  torch.sum over buffers of the weight's size, interleaved with the two above: the
@@ -43,6 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
 
 import numba  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pixlocal.kernels import cpu  # noqa: E402
@@ -101,17 +106,24 @@ def bench_decode(M: int, K: int, spec: QuantSpec, repeats: int, pool: int) -> di
     # the streaming rate a call of this size gets, launch and ramp-up included
     reads = [torch.ones(first.nbytes // 4) for _ in range(copies)]
     x = torch.randn(1, K, generator=g).bfloat16()
-    cpu.gemv(x, ours[0])
+    xf, out = x.float().numpy(), np.empty((1, first.qweight.shape[0] * cpu.ROWS), np.float32)
+
+    def kernel(w: cpu.CpuQ) -> None:
+        cpu._gemv(w.qweight, w.sz, spec.bits == 4, w.bf16, xf, spec.group_size, out)
+    kernel(ours[0])  # the same product as the wrapper
+    assert torch.equal(cpu.gemv(x, ours[0]), torch.from_numpy(out[:, :M]))
     theirs[0][0](x)
-    t_ours, t_torch, t_read = [], [], []
-    for r in range(repeats * copies):  # interleaved: ours, torch, read, ours, ...
-        t_ours.append(_timed(cpu.gemv, x, ours[r % len(ours)]))
+    t_ours, t_api, t_torch, t_read = [], [], [], []
+    for r in range(repeats * copies):  # interleaved: ours, api, torch, read, ours, ...
+        t_ours.append(_timed(kernel, ours[r % len(ours)]))
+        t_api.append(_timed(cpu.gemv, x, ours[(r + 1) % len(ours)]))
         t_torch.append(_timed(theirs[r % len(theirs)][0], x))
         t_read.append(_timed(torch.sum, reads[r % len(reads)]))
-    mo, mt = statistics.median(t_ours), statistics.median(t_torch)
+    mo, mt, ma = (statistics.median(t) for t in (t_ours, t_torch, t_api))
     read_gbps = reads[0].nbytes / statistics.median(t_read) / 1e9
     return {"shape": [M, K], "scheme": spec.name, "copies": copies,
             "ours_ms": mo * 1e3, "ours_gbps": first.nbytes / mo / 1e9, "ours_bytes": first.nbytes,
+            "api_ms": ma * 1e3, "api_gbps": first.nbytes / ma / 1e9,
             "torch_ms": mt * 1e3, "torch_gbps": theirs[0][1] / mt / 1e9,
             "torch_bytes": theirs[0][1], "speedup_vs_torch": mt / mo,
             "same_size_read_gbps": read_gbps}
@@ -237,8 +249,9 @@ def main() -> None:
 
 def _row(r: dict) -> None:
     print(f"  {r['scheme']:9} {r['shape'][0]:>6}x{r['shape'][1]:<6} ours {r['ours_ms']:7.2f} ms "
-          f"{r['ours_gbps']:5.1f} GB/s | torch {r['torch_ms']:7.2f} ms {r['torch_gbps']:5.1f} "
-          f"GB/s | x{r['speedup_vs_torch']:.2f}", file=sys.stderr, flush=True)
+          f"{r['ours_gbps']:5.1f} GB/s (api {r['api_gbps']:5.1f}) | torch {r['torch_ms']:7.2f} ms "
+          f"{r['torch_gbps']:5.1f} GB/s | x{r['speedup_vs_torch']:.2f}", file=sys.stderr,
+          flush=True)
 
 
 def _report(res: dict) -> None:
@@ -247,11 +260,12 @@ def _report(res: dict) -> None:
     print(f"\nthreads {res['threads']}, {res['simd_bytes'] * 8}-bit loops"
           f"{' (VNNI)' if res['vnni'] else ''}, 2 GiB read {bw:.1f} GB/s (median; best "
           f"{res['read_bandwidth_best_gbps']:.1f})", file=out)
-    print(f"{'scheme':9} {'M x K':>13} {'ours ms':>8} {'GB/s':>6} {'torch ms':>9} {'GB/s':>6} "
-          f"{'ours/torch':>10} {'read GB/s':>9} {'%bw':>4} {'%2G':>4}", file=out)
+    print(f"{'scheme':9} {'M x K':>13} {'ours ms':>8} {'GB/s':>6} {'api':>5} {'torch ms':>9} "
+          f"{'GB/s':>6} {'ours/torch':>10} {'read GB/s':>9} {'%bw':>4} {'%2G':>4}", file=out)
     for r in res["decode"]:
         print(f"{r['scheme']:9} {r['shape'][0]:>6}x{r['shape'][1]:<6} {r['ours_ms']:8.2f} "
-              f"{r['ours_gbps']:6.1f} {r['torch_ms']:9.2f} {r['torch_gbps']:6.1f} "
+              f"{r['ours_gbps']:6.1f} {r['api_gbps']:5.1f} {r['torch_ms']:9.2f} "
+              f"{r['torch_gbps']:6.1f} "
               f"{r['speedup_vs_torch']:10.2f} {r['same_size_read_gbps']:9.1f} "
               f"{100 * r['fraction_of_bandwidth']:4.0f} {100 * r['fraction_of_2gib_read']:4.0f}",
               file=out)
