@@ -125,8 +125,9 @@ def test_prefill_and_vision_attention_take_torch_fused_kernel(tiny_ckpt, sample_
     """torch's SDPA runs its fused (flash) CPU kernel only for 4-D inputs; 3-D ones fell to the
     math path (3.5x slower at 1064 tokens). Full causal prefill, the masked prefill after a
     cached prefix and the vision encoder all must take the fused kernel."""
-    import pixlocal
     from torch.profiler import profile
+
+    import pixlocal
     m = pixlocal.load(tiny_ckpt, dtype=dtype)
     enc = _prompt(m, sample_png)
     with profile() as prof, torch.inference_mode():
