@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -186,3 +188,13 @@ def test_dtype_auto(monkeypatch):
     assert parse_dtype("auto", "cuda") == torch.bfloat16  # a GPU: bfloat16
     with pytest.raises(pixlocal.PixlocalError, match="unknown dtype 'f8'.*auto"):
         parse_dtype("f8")
+
+
+def test_load_does_not_import_torch_dynamo(tiny_ckpt):
+    """nn.Embedding's init on the meta device imported torch._dynamo: 1.6 s of every load.
+    Checked in a fresh process (the test session may have imported it already)."""
+    code = ("import sys, pixlocal; pixlocal.load(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-1] == "False"
