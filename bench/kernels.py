@@ -12,8 +12,10 @@ thread count:
   * torch: aten._weight_int4pack_mm_for_cpu (int4, after _convert_weight_to_int4pack_for_cpu,
            group scales+zeros in bf16) / aten._weight_int8pack_mm (int8, per-row scales);
   * read:  torch.sum over buffers of the weight's size, interleaved with the two above: the
-           rate one call of that size streams at, launch and ramp-up included. `%bw` is ours
-           against it: the same statistic (median) under the same conditions;
+           rate one call of that size streams at, launch and ramp-up included; and `nread`,
+           a numba loop xor-ing the same buffers as uint64 (called like our kernel, through
+           numba's dispatcher, not torch's). `%bw` is ours against the faster of the two: the
+           same statistic (median) under the same conditions;
   * bw:    torch.sum over a 2 GiB float32 tensor, 3 times before, between and after the
            shapes: median (what `%2G` divides by) and best. On this shared VM the read rate
            drifts by up to 2x within minutes (29-58 GB/s in one hour), so a best-of read
@@ -61,6 +63,16 @@ def read_bandwidth(a: torch.Tensor, repeats: int = 3) -> list[float]:
     equal to the kernels'), `repeats` times. A numba prange sum measured 9.4 GB/s here where
     this measures 48: its float reduction did not vectorize."""
     return [a.numel() * 4 / _timed(a.sum) / 1e9 for _ in range(repeats)]
+
+
+@numba.njit(parallel=True, cache=True)
+def _nread(w, out):  # type: ignore[no-untyped-def]
+    """Read every word of w (rows, n) uint64: xor per row into out (vectorizes)."""
+    for b in numba.prange(w.shape[0]):
+        t = np.uint64(0)
+        for i in range(w.shape[1]):
+            t ^= w[b, i]
+        out[b] = t
 
 
 def _timed(fn, *args) -> float:  # type: ignore[no-untyped-def]
@@ -113,20 +125,26 @@ def bench_decode(M: int, K: int, spec: QuantSpec, repeats: int, pool: int) -> di
     kernel(ours[0])  # the same product as the wrapper
     assert torch.equal(cpu.gemv(x, ours[0]), torch.from_numpy(out[:, :M]))
     theirs[0][0](x)
-    t_ours, t_api, t_torch, t_read = [], [], [], []
-    for r in range(repeats * copies):  # interleaved: ours, api, torch, read, ours, ...
+    nw = reads[0].nbytes // 512 * 64  # whole 512-byte rows of 64 words each
+    words = [r.numpy().view(np.uint8)[:nw * 8].view(np.uint64).reshape(64, -1) for r in reads]
+    xor = np.empty(64, np.uint64)
+    _nread(words[0], xor)
+    t_ours, t_api, t_torch, t_read, t_nread = [], [], [], [], []
+    for r in range(repeats * copies):  # interleaved: ours, api, torch, read, nread, ours, ...
         t_ours.append(_timed(kernel, ours[r % len(ours)]))
         t_api.append(_timed(cpu.gemv, x, ours[(r + 1) % len(ours)]))
         t_torch.append(_timed(theirs[r % len(theirs)][0], x))
         t_read.append(_timed(torch.sum, reads[r % len(reads)]))
+        t_nread.append(_timed(_nread, words[(r + 1) % len(words)], xor))
     mo, mt, ma = (statistics.median(t) for t in (t_ours, t_torch, t_api))
     read_gbps = reads[0].nbytes / statistics.median(t_read) / 1e9
+    nread_gbps = nw * 8 / statistics.median(t_nread) / 1e9
     return {"shape": [M, K], "scheme": spec.name, "copies": copies,
             "ours_ms": mo * 1e3, "ours_gbps": first.nbytes / mo / 1e9, "ours_bytes": first.nbytes,
             "api_ms": ma * 1e3, "api_gbps": first.nbytes / ma / 1e9,
             "torch_ms": mt * 1e3, "torch_gbps": theirs[0][1] / mt / 1e9,
             "torch_bytes": theirs[0][1], "speedup_vs_torch": mt / mo,
-            "same_size_read_gbps": read_gbps}
+            "same_size_read_gbps": read_gbps, "same_size_nread_gbps": nread_gbps}
 
 
 def bench_prefill(M: int, K: int, spec: QuantSpec, L: int, repeats: int) -> dict:
@@ -228,7 +246,8 @@ def main() -> None:
     res["read_bandwidth_gbps"] = statistics.median(reads)
     res["read_bandwidth_best_gbps"] = max(reads)
     for r in res["decode"]:
-        r["fraction_of_bandwidth"] = r["ours_gbps"] / r["same_size_read_gbps"]
+        r["fraction_of_bandwidth"] = r["ours_gbps"] / max(r["same_size_read_gbps"],
+                                                          r["same_size_nread_gbps"])
         r["fraction_of_2gib_read"] = r["ours_gbps"] / res["read_bandwidth_gbps"]
     for spec in specs:
         for M, K in shapes[:3]:
@@ -261,12 +280,14 @@ def _report(res: dict) -> None:
           f"{' (VNNI)' if res['vnni'] else ''}, 2 GiB read {bw:.1f} GB/s (median; best "
           f"{res['read_bandwidth_best_gbps']:.1f})", file=out)
     print(f"{'scheme':9} {'M x K':>13} {'ours ms':>8} {'GB/s':>6} {'api':>5} {'torch ms':>9} "
-          f"{'GB/s':>6} {'ours/torch':>10} {'read GB/s':>9} {'%bw':>4} {'%2G':>4}", file=out)
+          f"{'GB/s':>6} {'ours/torch':>10} {'read GB/s':>9} {'nread':>5} {'%bw':>4} {'%2G':>4}",
+          file=out)
     for r in res["decode"]:
         print(f"{r['scheme']:9} {r['shape'][0]:>6}x{r['shape'][1]:<6} {r['ours_ms']:8.2f} "
               f"{r['ours_gbps']:6.1f} {r['api_gbps']:5.1f} {r['torch_ms']:9.2f} "
               f"{r['torch_gbps']:6.1f} "
               f"{r['speedup_vs_torch']:10.2f} {r['same_size_read_gbps']:9.1f} "
+              f"{r['same_size_nread_gbps']:5.1f} "
               f"{100 * r['fraction_of_bandwidth']:4.0f} {100 * r['fraction_of_2gib_read']:4.0f}",
               file=out)
     for r in res["prefill"]:
