@@ -64,10 +64,14 @@ class CpuQ:
 
 
 def _empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """An uninitialised array in memory from torch's allocator. numpy asks the kernel for
-    transparent huge pages on large arrays (madvise), and first touching those stalled in
-    reclaim/compaction when the page cache held the checkpoint: 8-layer Nemo load 5.8-8.7 s,
-    2.2-2.6 s this way, decode the same within noise (17.6-19.1 vs 14.7-21.4 tok/s)."""
+    """An uninitialised array in memory from torch's allocator (4 KiB pages). numpy asks for
+    transparent huge pages on large arrays (madvise); on the 2-core VM every fresh 2 MiB page
+    took ~2 ms to first touch (no compaction or reclaim in /proc/vmstat: the host backing new
+    guest memory), so the 8-layer Nemo loaded in 5.8-8.7 s against 2.2-2.6 s this way. Huge
+    pages stream faster (a lone gemv 0-36%, TLB misses) but decode gained only 2% from them
+    (15.02 vs 14.71 tok/s, both models in one process, 16 alternating rounds), and
+    MADV_COLLAPSE after the fill was slower still (10.6-13 s) and mostly failed. On bare
+    metal huge pages would cost little; a VM (WSL2 too) pays seconds per GB."""
     dt = np.dtype(dtype)
     n = int(np.prod(shape)) * dt.itemsize
     return torch.empty(n, dtype=torch.uint8).numpy().view(dt).reshape(shape)
