@@ -63,26 +63,6 @@ class CpuQ:
         return int(self.qweight.nbytes + self.sz.nbytes)
 
 
-def _empty(shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """An uninitialised array in memory from torch's allocator (4 KiB pages). numpy asks for
-    transparent huge pages on large arrays (madvise); on the 2-core VM every fresh 2 MiB page
-    took ~2 ms to first touch (no compaction or reclaim in /proc/vmstat: the host backing new
-    guest memory), so the 8-layer Nemo loaded in 5.8-8.7 s against 2.2-2.6 s this way. Huge
-    pages stream faster (a lone gemv 0-36%, TLB misses) but decode gained only 2% from them
-    (15.02 vs 14.71 tok/s, both models in one process, 16 alternating rounds), and
-    MADV_COLLAPSE after the fill was slower still (10.6-13 s) and mostly failed. On bare
-    metal huge pages would cost little; a VM (WSL2 too) pays seconds per GB."""
-    dt = np.dtype(dtype)
-    n = int(np.prod(shape)) * dt.itemsize
-    return torch.empty(n, dtype=torch.uint8).numpy().view(dt).reshape(shape)
-
-
-def _stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """np.concatenate along rows, into an _empty array."""
-    shape = (sum(a.shape[0] for a in arrays), *arrays[0].shape[1:])
-    return np.concatenate(arrays, out=_empty(shape, arrays[0].dtype))
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     if t.device.type != "cpu":
         raise ValueError(f"cpu backend got a tensor on {t.device}")
@@ -109,7 +89,13 @@ def prepare(q: QTensor | CpuQ, rows: int = ROWS) -> CpuQ:
     w = _np(q.qweight)
     w32 = w.view(np.uint32) if w.shape[1] % 4 == 0 and w.ctypes.data % 4 == 0 else \
         np.ascontiguousarray(w).copy().view(np.uint32)
-    qw = _empty((Mb, w32.shape[1], rows), np.uint32)
+    # numpy backs large arrays by transparent huge pages (madvise): decode streams them with
+    # fewer TLB misses. A lone gemv ran 6-36% faster than from torch's 4 KiB pages, most where
+    # the read rate was high; decode 2% (8-layer Nemo, both in one process). The price on a
+    # VM: ~2 ms to first touch each fresh 2 MiB page (the host backing new guest memory),
+    # 8-layer load 5.8-8.7 s against 2.2-2.6 s with 4 KiB pages; little on bare metal.
+    # MADV_COLLAPSE after a 4 KiB fill was slower still (bench/README.md, fourth session).
+    qw = np.empty((Mb, w32.shape[1], rows), np.uint32)
     _interleave(w32, qw)
     if q.zeros is None:
         bf = q.scales.dtype == torch.bfloat16
@@ -131,7 +117,7 @@ def fuse(pqs: list[CpuQ]) -> tuple[CpuQ, list[CpuQ]] | None:
     if any(p.spec != p0.spec or p.bf16 != p0.bf16 or p.shape[1] != p0.shape[1]
            or p.rows != p0.rows or p.shape[0] % p.rows for p in pqs):
         return None
-    qw, sz = _stack([p.qweight for p in pqs]), _stack([p.sz for p in pqs])
+    qw, sz = np.concatenate([p.qweight for p in pqs]), np.concatenate([p.sz for p in pqs])
     views, b0 = [], 0
     for p in pqs:
         b1 = b0 + p.qweight.shape[0]
