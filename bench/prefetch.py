@@ -37,16 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import _timed, random_qtensor  # noqa: E402
 
 
-def variant(bits: int, dist: int, loc: int, sz: int, mask: int = llir.HI_MASK
-            ):  # type: ignore[no-untyped-def]
+def variant(bits: int, dist: int, loc: int, sz: int, mask: int = 1):  # type: ignore[no-untyped-def]
     """A copy of cpu._gemv whose loops are generated with these settings."""
-    saved = (llir.PREFETCH, llir.PREFETCH8, llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ,
-             llir.HI_MASK)
-    if bits == 4:
-        llir.PREFETCH = dist
-    else:
-        llir.PREFETCH8 = dist
-    llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ, llir.HI_MASK = loc, sz, bool(mask)
+    names = ("PREFETCH" if bits == 4 else "PREFETCH8", "PREFETCH_LOCALITY", "PREFETCH_SZ",
+             "HI_MASK")
+    saved = {n: getattr(llir, n) for n in names}
+    for n, v in zip(names, (dist, loc, sz, bool(mask)), strict=True):
+        setattr(llir, n, v)
     try:
         g = dict(cpu.__dict__)
         g["_q4t1"], g["_q8t1"] = cpu._block(4, 1), cpu._block(8, 1)
@@ -56,8 +53,8 @@ def variant(bits: int, dist: int, loc: int, sz: int, mask: int = llir.HI_MASK
         q = cpu.prepare(random_qtensor(16, 64, QuantSpec(bits, 32), torch.Generator()))
         fn(q.qweight, q.sz, bits == 4, q.bf16, x, 32, np.empty((1, 16), np.float32))  # compile
     finally:
-        (llir.PREFETCH, llir.PREFETCH8, llir.PREFETCH_LOCALITY, llir.PREFETCH_SZ,
-         llir.HI_MASK) = saved
+        for n, v in saved.items():
+            setattr(llir, n, v)
     return fn
 
 
