@@ -21,6 +21,7 @@ import torch
 from .checkpoint import Checkpoint, tokenizer_path
 from .config import DEFAULT_CONTEXT, PixtralArgs
 from .errors import ContextOverflow, PixlocalError
+from .kernels.threads import ThreadPolicy
 from .loader import load_model, parse_device, parse_dtype, prepare_quantized
 from .model import KVCache, PixtralModel
 from .placement import (
@@ -86,8 +87,9 @@ class Pixtral:
     """A loaded model with its tokenizer: `pixlocal.load(path)` returns one."""
 
     def __init__(self, model: PixtralModel, encoder: PromptEncoder, path: Path,
-                 checkpoint: Checkpoint | None = None):
+                 checkpoint: Checkpoint | None = None, threads: ThreadPolicy | None = None):
         self.model, self.encoder, self.path = model, encoder, path
+        self.threads = threads or ThreadPolicy()  # CPU threads per step (kernels/threads.py)
         self.checkpoint = checkpoint
         self.args: PixtralArgs = model.args
         self.dtype: torch.dtype = getattr(model, "compute_dtype", next(model.parameters()).dtype)
@@ -202,6 +204,7 @@ class Pixtral:
         new_images = enc.images[first_new:]
         rows = self.image_features(new_images) if new_images else None
         cache = self._ensure_cache(len(keys))
+        self.threads.use()
         self._keys = keys[:keep]
         t = torch.tensor(enc.tokens[keep:], device=self.device)
         h = self.model.embed(t, rows)
@@ -213,8 +216,9 @@ class Pixtral:
     def _decode_one(self, token: int, key: Key) -> torch.Tensor:
         pos = len(self._keys)
         cache = self._ensure_cache(pos + 1)
-        h = self.model.embed(torch.tensor([token], device=self.device), None)
-        logits = self.model(h, pos, cache)[-1]
+        with self.threads.step():
+            h = self.model.embed(torch.tensor([token], device=self.device), None)
+            logits = self.model(h, pos, cache)[-1]
         self._keys.append(key)
         return logits
 
@@ -312,13 +316,18 @@ def available_ram() -> int | None:
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto",
          max_image_size: int | None = None, gpu_layers: GpuLayers = "auto",
-         max_vram: int | None = None, context_len: int = DEFAULT_CONTEXT) -> Pixtral:
+         max_vram: int | None = None, context_len: int = DEFAULT_CONTEXT,
+         threads: int | None = None) -> Pixtral:
     """Load a model directory (Mistral or Hugging Face format) for generation.
 
     device "auto" picks CUDA when present. On CUDA the weights load on the CPU (memory-mapped)
     and placement.plan() decides what moves to the GPU: `gpu_layers` decoder layers ("auto":
     as many as fit, PixlocalError if an explicit count cannot), `max_vram` bytes at most, a KV
-    cache for `context_len` tokens (longer prompts raise ContextOverflow)."""
+    cache for `context_len` tokens (longer prompts raise ContextOverflow). `threads` fixes the
+    CPU thread count (else $PIXLOCAL_THREADS, else chosen per decode step from the usable
+    cores: kernels/threads.py)."""
+    policy = ThreadPolicy(threads)  # ConfigError for a bad $PIXLOCAL_THREADS, before any work
+    policy.use()
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     model, ckpt = load_model(path, device="cpu" if dev.type == "cuda" else dev, dtype=dt)
@@ -332,7 +341,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto",
     prepare_quantized(model, ckpt)
     encoder = PromptEncoder(tokenizer_path(Path(path).expanduser(), ckpt.kind),
                             max_image_size=max_image_size)
-    runner = Pixtral(model, encoder, Path(path).expanduser(), ckpt)
+    runner = Pixtral(model, encoder, Path(path).expanduser(), ckpt, policy)
     if p is not None:  # the CPU's KV cache grows on demand: only a GPU plan caps the context
         runner.context_len, runner.plan = context_len, p
     return runner

@@ -9,7 +9,8 @@ import torch
 
 from pixlocal import kernels
 from pixlocal.kernels import ref
-from pixlocal.qformat import GROUP_SIZES, QTensor, QuantSpec, dequantize, quantize
+from pixlocal.qformat import GROUP_SIZES, QTensor, QuantSpec, dequantize
+from pixlocal.quantizer import quantize
 
 cpu = pytest.importorskip("pixlocal.kernels.cpu")
 
@@ -143,20 +144,6 @@ def test_default_backend(monkeypatch):
     monkeypatch.setenv("PIXLOCAL_BACKEND", "fast")
     with pytest.raises(ValueError, match="unknown qmatmul backend"):
         kernels.default_backend("cpu")
-
-
-def test_threads(monkeypatch):
-    import numba
-
-    assert cpu.physical_cores() >= 1
-    try:
-        monkeypatch.setenv("PIXLOCAL_THREADS", "1")
-        assert cpu.set_threads() == 1 and numba.get_num_threads() == 1
-        assert torch.get_num_threads() == 1
-    finally:
-        monkeypatch.delenv("PIXLOCAL_THREADS")
-        cpu.set_threads()
-    assert numba.get_num_threads() == min(cpu.physical_cores(), numba.config.NUMBA_NUM_THREADS)
 
 
 def test_simd_inner_loops_are_integer_multiply_adds():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 from types import ModuleType
 from typing import Any
 
@@ -73,19 +72,6 @@ def decode_stack(layers: list[tuple[Any, ...]], n_heads: int, n_kv_heads: int, h
     if not all(isinstance(w, CpuQ) for lw in layers for w in lw[1:3] + lw[4:]):
         return None
     return DecodeStack(layers, n_heads, n_kv_heads, head_dim, eps)
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyperthread siblings counted once)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cores = set(re.findall(r"physical id\s*:\s*(\d+).*?core id\s*:\s*(\d+)", f.read(),
-                                   re.S))
-    except OSError:
-        cores = set()
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    allowed = allowed or os.cpu_count() or 1
-    return max(1, min(len(cores) or allowed, allowed))
 
 
 def native_bf16() -> bool:

@@ -31,7 +31,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..qformat import QTensor
-from . import llir, native_bf16, physical_cores
+from ..host import requested_threads, usable_cores
+from . import llir, native_bf16
 from .cpu_attn import decode_attention  # noqa: F401  (twin of ref.decode_attention)
 from .cpu_layout import ROWS, SIMD, VNNI, CpuQ, _np, fuse, prepare  # noqa: F401
 
@@ -66,16 +67,11 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Threads for numba and torch: n, else $PIXLOCAL_THREADS, else physical cores."""
-    env = os.environ.get("PIXLOCAL_THREADS", "").strip()
-    n = min(n or (int(env) if env.isdigit() and int(env) > 0 else physical_cores()),
-            numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(n)
-    torch.set_num_threads(n)
-    return n
-
-
-THREADS = set_threads()
+    """Fix numba's and torch's thread counts: n, else $PIXLOCAL_THREADS, else the usable
+    cores (host.usable_cores). For benchmarks and tests; `pixlocal.load` gives its runner a
+    threads.ThreadPolicy, which sets them per decode step."""
+    from .threads import apply_threads
+    return apply_threads(requested_threads(n) or usable_cores())
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
 # numba's cache is keyed on this file alone, yet the kernels embed llir.py's loops: its
