@@ -40,15 +40,7 @@ exhaustive search reaches only ~0.95x llama.cpp Q4_0's RMS error on MiniLM-L6's 
 spent on an asymmetric g32 group with 8-bit scale and zero codes, this module's search
 reaches 0.835x (0.80x is the ceiling with float32 scale and min, at 5 bits/weight).
 
-quantize() (spec.search, the default) picks each group's codes by search, in the spirit of
-llama.cpp's make_qkx2_quants. int4: 4 candidate grids of 15 + d steps over [min(w, 0),
-max(w, 0)], d ∈ _INT4_DELTAS; each is rounded, its (s, min) refit by least squares, s
-rounded down and up to its two nearest codes, z refit for each; the (candidate, code) pair
-with the least squared error (in closed form from the group's sums) wins, is rounded again,
-refit once more, and the better of the two is kept. int8: 4 candidate scales absmax/(127+d),
-each rounded and refit by least squares. All sums run in a fixed order, so the result does
-not depend on chunking or thread count. quantize_ref() is plain round-to-nearest from the
-group's range (int4) or absmax (int8): the simple twin, and the floor the search must beat.
+quantize() (quantizer.py) searches each group's codes; quantize_ref() rounds to nearest.
 
 A model dir (written by `pixlocal quantize`, read by checkpoint.py): params.json, tekken.json,
 quantized-NNNNN-of-NNNNN.safetensors and quantized.index.json = {"metadata": {...as below,
@@ -59,15 +51,18 @@ Weight `{m}.weight` quantized is stored as `{m}.qweight/.scales[/.zeros]` (a ten
 iff "{m}.scales" is present; its scheme is read from its own tensors, QTensor.from_tensors, so
 a file mixes schemes); other tensors keep their names. Any layout change bumps FORMAT_VERSION.
 
-The search itself lives in qsearch.py (pixlocal/ never imports quant/, and the runtime's
-QLinear.from_linear quantizes too).
+SCHEMES below is this table as data (suffix, dtype, columns as a function of K and G): every
+module that allocates, checks or sizes these tensors reads it. quantize() and quantize_ref()
+live in quantizer.py, which imports this module (never the other way); pixlocal/ never imports
+quant/, and the runtime's QLinear.from_linear quantizes too. DECODER_LINEAR and HEAD_TENSORS
+name the tensors of the default recipe (quant/recipe.py; placement's estimates).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -83,12 +78,34 @@ _DEFAULT_GROUP = {4: 32, 8: 32}
 _E5M3_BIAS = 26  # s = (1 + f/8) * 2^(e - 26)
 SCALE_MIN = 2.0**-26  # e5m3 code 0
 SCALE_MAX = 1.875 * 2.0**5  # e5m3 code 255 = 60.0
-_INT4_TINY = 2.0**-16  # a nonzero int4 tensor whose group ranges all fall below is refused
-_F16_NORMAL = (2.0**-14, 65504.0)
-_CHUNK = 1 << 20  # weights per chunk: amortises torch's per-op overhead; ~40 MB of scratch
-_INT4_DELTAS = (-1.0, -0.5, 0.0, 0.45)  # candidate grids: 15 + d steps over [min, max]; d < 0.5
-                                       # keeps q <= 15 without a clamp
-_INT8_DELTAS = (-3.0, -2.0, -1.0, 0.0)  # candidate scales: absmax / (127 + d)
+F16_NORMAL = (2.0**-14, 65504.0)  # int8 scales outside it (zero aside) are stored bfloat16
+INT8_SCALE_DTYPE = torch.float16  # int8 scales' dtype unless one leaves F16_NORMAL
+INT8_SCALE_DTYPES = (INT8_SCALE_DTYPE, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stored tensor of a quantized (M, K) weight: `{name}.{suffix}`, (M, cols(K, G))."""
+
+    suffix: str
+    dtype: torch.dtype
+    cols: Callable[[int, int], int]
+
+
+# The layout table of the module docstring, by bits: the tensors of one quantized weight in
+# the order they are written. int8's scale dtype is INT8_SCALE_DTYPE or bfloat16 (per tensor).
+SCHEMES: dict[int, tuple[Part, ...]] = {
+    4: (Part("qweight", torch.uint8, lambda K, G: K // 2),
+        Part("scales", torch.uint8, lambda K, G: K // G),  # e5m3 codes
+        Part("zeros", torch.uint8, lambda K, G: K // G)),  # z * 16
+    8: (Part("qweight", torch.int8, lambda K, G: K),
+        Part("scales", INT8_SCALE_DTYPE, lambda K, G: K // G)),
+}
+SUFFIXES = ("qweight", "scales", "zeros")  # every suffix a quantized weight may have
+
+# The default recipe's names (quant/recipe.py applies it, placement estimates with it)
+DECODER_LINEAR = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
+HEAD_TENSORS = ("output.weight", "tok_embeddings.weight")  # int8 by default
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,18 @@ class QuantSpec:
     @property
     def bits_per_weight(self) -> float:
         return self.bits + 16 / self.group_size
+
+    def layout(self, shape: tuple[int, ...], int8_scales: torch.dtype | None = None
+               ) -> list[tuple[str, torch.dtype, tuple[int, int]]]:
+        """(suffix, dtype, shape) of each stored tensor of an (M, K) weight (SCHEMES)."""
+        M, K = shape
+        swap = int8_scales is not None and self.bits == 8
+        return [(p.suffix, int8_scales if swap and p.suffix == "scales" else p.dtype,
+                 (M, p.cols(K, self.group_size))) for p in SCHEMES[self.bits]]
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes an (M, K) weight takes stored (both int8 scale dtypes are 2 bytes)."""
+        return sum(d.itemsize * r * c for _, d, (r, c) in self.layout(shape))
 
     @classmethod
     def default(cls, bits: int = 4) -> QuantSpec:
@@ -157,10 +186,7 @@ class QTensor:
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The safetensors entries of this weight, named `{name}.qweight` etc."""
-        out = {f"{name}.qweight": self.qweight, f"{name}.scales": self.scales}
-        if self.zeros is not None:
-            out[f"{name}.zeros"] = self.zeros
-        return out
+        return {f"{name}.{p.suffix}": getattr(self, p.suffix) for p in SCHEMES[self.spec.bits]}
 
     @classmethod
     def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor],
@@ -179,10 +205,9 @@ class QTensor:
         M, K = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
         G = K // scales.shape[1]
         found = QuantSpec(bits, G) if G in GROUP_SIZES else None
-        want_scale = (torch.uint8,) if bits == 4 else (torch.float16, torch.bfloat16)
-        ok = (found is not None and scales.shape == (M, K // G) and scales.dtype in want_scale
-              and (zeros is None) == (bits == 8)
-              and (zeros is None or (zeros.shape == scales.shape and zeros.dtype == torch.uint8)))
+        got = [(s, t.dtype, tuple(t.shape)) for s, t in
+               (("qweight", qweight), ("scales", scales), ("zeros", zeros)) if t is not None]
+        ok = found is not None and any(got == found.layout((M, K), d) for d in INT8_SCALE_DTYPES)
         if not ok:
             raise FormatError(f"{name}: inconsistent quantized tensors (qweight {qweight.dtype} "
                               f"{tuple(qweight.shape)}, scales {scales.dtype} "
@@ -192,6 +217,18 @@ class QTensor:
         if spec is not None and (spec.bits, spec.group_size) != (bits, G):
             raise FormatError(f"{name}: stored as {found.name}, expected {spec.name}")
         return cls(qweight, scales, zeros, (M, K), spec or found)
+
+
+def stored_tensors(name: str, shape: tuple[int, ...], target: QuantSpec | torch.dtype,
+                   int8_scales: torch.dtype | None = None
+                   ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of what a checkpoint tensor is stored as: a weight `{m}.weight`
+    quantized as `target` becomes `{m}.qweight` etc. (SCHEMES); under a float dtype it keeps
+    its name and shape."""
+    if not isinstance(target, QuantSpec):
+        return [(name, target, tuple(shape))]
+    base = name.removesuffix(".weight")
+    return [(f"{base}.{s}", d, sh) for s, d, sh in target.layout(shape, int8_scales)]
 
 
 def make_metadata(spec: QuantSpec, source: str) -> dict[str, str]:
@@ -225,7 +262,7 @@ def decode_scales(codes: torch.Tensor) -> torch.Tensor:
     return ((codes.to(torch.int32) + 8 * (127 - _E5M3_BIAS)) << 20).view(torch.float32)
 
 
-def _scale_code_floor(s: torch.Tensor) -> torch.Tensor:
+def scale_code_floor(s: torch.Tensor) -> torch.Tensor:
     """Largest e5m3 code whose scale is <= s (float32 >= 0), clamped to [0, 255]; int32."""
     return ((s.view(torch.int32) >> 20) - 8 * (127 - _E5M3_BIAS)).clamp_(0, 255)
 
@@ -278,80 +315,3 @@ def dequantize_ref(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tens
         nib = torch.where(j < G // 2, byte & 0x0F, byte >> 4).float()
         w = decode_scales(q.scales[:, g]) * (nib - q.zeros[:, g].float() / 16)
     return w.to(dtype)
-
-
-# ---- quantize ------------------------------------------------------------------------------
-
-def _check(weight: torch.Tensor, spec: QuantSpec) -> None:
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise FormatError(f"can only quantize a 2-D float weight, got {weight.dtype} "
-                          f"{tuple(weight.shape)}")
-    if weight.shape[1] % spec.group_size:
-        raise FormatError(f"in-features K={weight.shape[1]} is not a multiple of the group size "
-                          f"{spec.group_size} ({spec.name}); use a group size that divides K")
-
-
-def _quantize(weight: torch.Tensor, spec: QuantSpec, search: bool,
-              int8_scale_dtype: torch.dtype = torch.float16) -> QTensor:
-    _check(weight, spec)
-    M, K = weight.shape
-    G = spec.group_size
-    N = K // G
-    R = max(1, _CHUNK // K)
-    qweight = torch.empty(M, K // 2 if spec.bits == 4 else K,
-                          dtype=torch.uint8 if spec.bits == 4 else torch.int8)
-    zeros = torch.empty(M, N, dtype=torch.uint8) if spec.bits == 4 else None
-    scales = torch.empty(M, N, dtype=torch.uint8 if spec.bits == 4 else int8_scale_dtype)
-    from .qsearch import int4_groups, int8_groups, new_scratch, scratch
-
-    ws = new_scratch()
-    top = 0.0  # largest int4 group range
-    for r0 in range(0, M, R):
-        rows = weight[r0:r0 + R].detach().to("cpu")
-        n = rows.shape[0]
-        wt = scratch(ws, "w", (G, n * N)).copy_(rows.reshape(n * N, G).t())  # (G, B) float32
-        try:
-            if spec.bits == 4:
-                q, key, t = int4_groups(wt, search, ws)
-            else:
-                q, s, fits_f16 = int8_groups(wt, search, scales.dtype, ws)
-        except FormatError as e:
-            raise FormatError(f"weight {tuple(weight.shape)} rows {r0}..{r0 + n - 1} {e}; "
-                              f"refusing to quantize it as {spec.name}") from None
-        if spec.bits == 4:
-            packed = torch.add(q[:G // 2], q[G // 2:], alpha=16)  # (G/2, B): col j | col j+G/2
-            qweight[r0:r0 + R] = packed.t().reshape(n, K // 2)
-            c = (key * (1 / 256)).floor_()
-            scales[r0:r0 + R] = c.view(n, N)
-            zeros[r0:r0 + R] = (key - 256 * c).view(n, N)  # type: ignore[index]
-            top = max(top, t)
-            continue
-        if scales.dtype == torch.float16 and not fits_f16:
-            return _quantize(weight, spec, search, torch.bfloat16)  # fp16 would lose scales
-        qweight[r0:r0 + R] = q.t().reshape(n, K)
-        scales[r0:r0 + R] = s.view(n, N)
-    if 0 < top < _INT4_TINY:
-        raise FormatError(f"weight {tuple(weight.shape)} spans at most {top:.3g} per group, "
-                          f"below int4's scale range (needs >= {_INT4_TINY:.3g} somewhere); keep "
-                          "this tensor in bf16 or use int8")
-    return QTensor(qweight, scales, zeros, (M, K), spec)
-
-
-def quantize(weight: torch.Tensor, spec: QuantSpec,
-             int8_scales: torch.dtype | None = None) -> QTensor:
-    """Quantize an (M, K) float weight (any float dtype, any device; work is done on CPU in
-    float32, chunk by chunk of rows). Uses the error-minimising search if `spec.search`.
-    `int8_scales=torch.bfloat16` forces bfloat16 int8 scales (a caller quantizing one tensor
-    in several row blocks needs one dtype for all of them); the default picks float16 unless
-    a scale leaves its normal range.
-
-    Raises FormatError if K % G != 0, if the weight has NaN/inf, or if its values leave the
-    scheme's scale range.
-    """
-    return _quantize(weight, spec, spec.search, int8_scales or torch.float16)
-
-
-def quantize_ref(weight: torch.Tensor, spec: QuantSpec) -> QTensor:
-    """Plain round-to-nearest: scale from the group's [min(w, 0), max(w, 0)] range (int4, scale
-    rounded up to its code) or absmax / 127 (int8). Same layout and checks as quantize()."""
-    return _quantize(weight, replace(spec, search=False), False)

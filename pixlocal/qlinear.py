@@ -7,7 +7,8 @@ from torch import nn
 
 from . import kernels
 from .errors import FormatError
-from .qformat import QTensor, QuantSpec, quantize
+from .qformat import QTensor, QuantSpec
+from .quantizer import quantize
 
 # Shapes: L tokens · K in-features · M out-features · G group size
 

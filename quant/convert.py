@@ -15,7 +15,6 @@ loads; the next run removes partial dirs whose process is gone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,23 +35,27 @@ from pixlocal.checkpoint import (
 from pixlocal.config import read_args
 from pixlocal.errors import FormatError, ModelNotFound, PixlocalError
 from pixlocal.qformat import (
+    F16_NORMAL,
     FORMAT_VERSION,
+    INT8_SCALE_DTYPE,
     QTensor,
     QuantSpec,
     dequantize,
     make_metadata,
-    quantize,
+    stored_tensors,
 )
+from pixlocal.quantizer import quantize
 from pixlocal.shards import StreamingWriter
 
 from .recipe import Recipe, Target, describe, kind_of
+from .verify import sha256_file
 
 SHARD_BYTES = 2_000_000_000
 _CHUNK_WEIGHTS = 1 << 24  # weights read, quantized and written at once (32 MB of bf16)
 _SLOW_ENV = "PIXLOCAL_QUANTIZE_SLOW"  # test hook: seconds to sleep after each tensor
 # int8 scales are ~absmax/127 (the search picks among absmax/(124..127), refit): a group
 # absmax in this range surely gives a scale inside fp16's normal range [2^-14, 65504]
-_F16_SAFE = (2.0**-14 * 136, 65504.0 * 118)
+_F16_SAFE = (F16_NORMAL[0] * 136, F16_NORMAL[1] * 118)
 _SAMPLE_ROWS = 64  # rows of every block (of ~16M weights) whose error goes into the report
 Progress = Callable[[int, int], None]  # (input bytes done, input bytes in all)
 
@@ -115,20 +118,12 @@ class _Item:
     shape: tuple[int, ...]
     src_dtype: torch.dtype
     target: Target
-    scale_dtype: torch.dtype = torch.float16  # int8 only: decided by _prepare_int8
+    scale_dtype: torch.dtype = INT8_SCALE_DTYPE  # int8 only: decided by _prepare_int8
 
     def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         t = self.target
-        if not isinstance(t, QuantSpec):
-            return [(self.name, self.src_dtype if t is None else t, self.shape)]
-        M, K = self.shape
-        base = self.name.removesuffix(".weight")
-        if t.bits == 8:
-            return [(f"{base}.qweight", torch.int8, (M, K)),
-                    (f"{base}.scales", self.scale_dtype, (M, K // t.group_size))]
-        return [(f"{base}.qweight", torch.uint8, (M, K // 2)),
-                (f"{base}.scales", torch.uint8, (M, K // t.group_size)),
-                (f"{base}.zeros", torch.uint8, (M, K // t.group_size))]
+        return stored_tensors(self.name, self.shape, self.src_dtype if t is None else t,
+                              self.scale_dtype)
 
     def nbytes_out(self) -> int:
         return sum(d.itemsize * _numel(s) for _, d, s in self.entries())
@@ -169,7 +164,7 @@ def _prepare_int8(ckpt: Checkpoint, item: _Item) -> None:
         hi = max(hi, amax.max().item())
         lo = min(lo, amax.masked_fill_(amax == 0, float("inf")).min().item())
     fits = hi == 0 or (_F16_SAFE[0] <= lo and hi <= _F16_SAFE[1])
-    item.scale_dtype = torch.float16 if fits else torch.bfloat16
+    item.scale_dtype = INT8_SCALE_DTYPE if fits else torch.bfloat16
 
 
 def _write_item(w: StreamingWriter, ckpt: Checkpoint, item: _Item, rep: TensorReport,
@@ -227,14 +222,6 @@ def _plan_shards(items: list[_Item], shard_bytes: int) -> list[list[_Item]]:
     return shards
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _clean_stale(out: Path) -> None:
     """Remove OUT.partial-PID dirs left by runs that were killed (their PID is gone)."""
     for p in out.parent.glob(f"{out.name}.partial-*"):
@@ -275,7 +262,7 @@ def quantize_checkpoint(src: Path, out: Path, *, bits: int = 4, group_size: int 
     items = [_Item(n, ckpt.shape(n), ckpt.dtype(n), targets[n]) for n in names]
     total = sum(_numel(i.shape) * i.src_dtype.itemsize for i in items)
     cfg = src / "params.json" if (src / "params.json").is_file() else src / "config.json"
-    source = hashlib.sha256(cfg.read_bytes()).hexdigest()
+    source = sha256_file(cfg)
     spec = recipe.default_spec
     meta = {**make_metadata(spec, source), "group_size": str(spec.group_size)}
     report = Report(src, out, spec.name, bytes_in=total)
@@ -313,7 +300,7 @@ def quantize_checkpoint(src: Path, out: Path, *, bits: int = 4, group_size: int 
                     if slow:
                         time.sleep(slow)
             index["shards"][fname] = {"size": (tmp / fname).stat().st_size,
-                                      "sha256": _sha256(tmp / fname)}
+                                      "sha256": sha256_file(tmp / fname)}
         index["metadata"]["total_size"] = str(sum(s["size"] for s in index["shards"].values()))
         shutil.copyfile(tokenizer_path(src, ckpt.kind), tmp / "tekken.json")
         if (src / "params.json").is_file():

@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from pixlocal.errors import FormatError
-from pixlocal.qformat import GROUP_SIZES, QuantSpec
+from pixlocal.qformat import DECODER_LINEAR, GROUP_SIZES, HEAD_TENSORS, QuantSpec
 
 FLOATS = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-_DECODER_LINEAR = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
 
 # What a tensor becomes: a QuantSpec, a float dtype to cast to, or None (kept as stored)
 Target = QuantSpec | torch.dtype | None
@@ -90,9 +89,9 @@ class Recipe:
         if name.startswith(("vision_encoder.", "vision_language_adapter.")):
             return torch.bfloat16
         g = self.default_spec.group_size
-        if _DECODER_LINEAR.fullmatch(name):
+        if DECODER_LINEAR.fullmatch(name):
             return self.default_spec
-        if name in ("output.weight", "tok_embeddings.weight"):
+        if name in HEAD_TENSORS:
             return QuantSpec(8, g)
         return None
 

@@ -29,12 +29,14 @@ class VerifyResult:
     bytes: int  # shard bytes
 
 
-def _sha256(path: Path, tick: Callable[[int], None]) -> str:
+def sha256_file(path: Path, tick: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file read in 16 MiB blocks; `tick(bytes)` after each block."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
             h.update(block)
-            tick(len(block))
+            if tick is not None:
+                tick(len(block))
     return h.hexdigest()
 
 
@@ -65,7 +67,7 @@ def verify_dir(path: str | Path, progress: Callable[[int, int], None] | None = N
     for name in sorted(shards):
         p = d / name
         want = shards[name].get("sha256")
-        got = _sha256(p, tick)
+        got = sha256_file(p, tick)
         if got != want:
             raise FormatError(f"{p}: sha256 {got[:16]}… does not match {QUANT_INDEX} "
                               f"({str(want)[:16]}…): corrupt; re-quantize or re-download")

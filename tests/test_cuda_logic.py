@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pixlocal.kernels import cuda, ref
-from pixlocal.qformat import QuantSpec, dequantize, quantize, unpack_int4
+from pixlocal.qformat import QuantSpec, dequantize, unpack_int4
+from pixlocal.quantizer import quantize
 
 # bf16 activations (8 significant bits) and bf16 zero points: relative error of a dot
 # product of a few hundred terms stays ~1e-3; 1e-2 of the output's max leaves 5x headroom and

@@ -10,8 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from pixlocal import kernels
 from pixlocal import qformat as qf
+from pixlocal import quantizer
 from pixlocal.errors import FormatError
-from pixlocal.qformat import QTensor, QuantSpec, dequantize, dequantize_ref, quantize, quantize_ref
+from pixlocal.qformat import QTensor, QuantSpec, dequantize, dequantize_ref
+from pixlocal.quantizer import quantize, quantize_ref
 from pixlocal.qlinear import QLinear
 
 GOLDEN = Path(__file__).parent / "golden" / "qformat_layout.json"
@@ -123,9 +125,9 @@ def test_e5m3_scale_codes():
     assert s[0] == qf.SCALE_MIN == 2.0**-26 and s[255] == qf.SCALE_MAX == 60.0
     assert s[208] == 1.0 and s[209] == 1.125 and s[207] == 0.9375
     assert (s[1:] > s[:-1]).all()
-    assert torch.equal(qf._scale_code_floor(s), c)  # codes round-trip
-    assert torch.equal(qf._scale_code_floor(s * 1.01)[:-1], c[:-1])  # floor, not nearest
-    assert qf._scale_code_floor(torch.tensor([0.0, 1e-30, 1e9])).tolist() == [0, 0, 255]
+    assert torch.equal(qf.scale_code_floor(s), c)  # codes round-trip
+    assert torch.equal(qf.scale_code_floor(s * 1.01)[:-1], c[:-1])  # floor, not nearest
+    assert qf.scale_code_floor(torch.tensor([0.0, 1e-30, 1e9])).tolist() == [0, 0, 255]
 
 
 # ---- round trips -------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def test_dequantize_matches_ref(spec):
 def test_chunking_does_not_change_result(spec, monkeypatch):
     w = randn(37, 256)
     whole = quantize(w, spec)
-    monkeypatch.setattr(qf, "_CHUNK", 3 * 256)  # 3 rows a chunk: 13 chunks, a short last one
+    monkeypatch.setattr(quantizer, "_CHUNK", 3 * 256)  # 3 rows a chunk: 13 chunks, a short last one
     chunked = quantize(w, spec)
     for a, b in zip(whole.tensors("x").values(), chunked.tensors("x").values(), strict=True):
         assert torch.equal(a, b)

