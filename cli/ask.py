@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .app import app, err, user_errors
 from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
@@ -19,10 +19,16 @@ from .common import (
     MaxImageOpt,
     MaxVramOpt,
     ModelOpt,
+    ThreadsOpt,
+    err,
     load_model,
     stats_line,
     timings,
+    user_errors,
 )
+
+if TYPE_CHECKING:
+    from pixlocal.generate import Pixtral
 
 
 def read_prompt(prompt: str) -> str:
@@ -31,14 +37,34 @@ def read_prompt(prompt: str) -> str:
     return prompt
 
 
-@app.command()
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic",
+                  ".heif", ".avif", ".jxl")
+
+
+def looks_like_image(arg: str) -> bool:
+    """An argument that names an image rather than asks something: an existing file, a URL or
+    data URI, or one word ending in an image suffix."""
+    if arg.startswith(("http://", "https://", "file:", "data:")):
+        return True
+    if len(arg.split()) == 1 and arg.lower().endswith(IMAGE_SUFFIXES):
+        return True
+    return arg != "-" and "\n" not in arg and os.path.isfile(arg)
+
+
+def context_room(m: Pixtral, n_prompt: int) -> int:
+    """Tokens left after the prompt in the context the loaded model holds."""
+    limit = min(m.args.max_seq_len, getattr(m, "context_len", m.args.max_seq_len))
+    return limit - n_prompt
+
+
 def ask(
     inputs: Annotated[list[str], typer.Argument(
         help="Image paths, URLs or data URIs, then the prompt ('-' reads it from stdin).",
         metavar="IMAGE... PROMPT")],
     model: ModelOpt = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 512,
+    max_tokens: Annotated[int, typer.Option(
+        min=1, help="Most tokens to generate (fewer if the context ends first).")] = 512,
     temperature: Annotated[float, typer.Option(
         "--temperature", "--temp", min=0.0, help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -50,11 +76,15 @@ def ask(
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,
     context: ContextOpt = DEFAULT_CONTEXT,
+    threads: ThreadsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Ask about images; the answer streams to stdout, status and speed go to stderr."""
+    if len(inputs) == 1 and looks_like_image(inputs[0]):
+        raise typer.BadParameter(f"no prompt after the image {inputs[0]!r}",
+                                 param_hint="'IMAGE... PROMPT'")
     with user_errors():
-        from pixlocal.errors import PromptError
+        from pixlocal.errors import ContextOverflow, PromptError
         from pixlocal.images import load_image
 
         *sources, prompt = inputs
@@ -70,27 +100,45 @@ def ask(
 
         m, load_s, _ = load_model(model, device=device, dtype=dtype,
                                   max_image_size=max_image_size, gpu_layers=gpu_layers,
-                                  max_vram=max_vram, context=context)
+                                  max_vram=max_vram, context=context, threads=threads)
         enc = m.encode(messages)
-        steps = m.stream_encoded(enc, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, seed=seed)
-        text, tokens, last = [], [], None
-        what = f"{len(enc.images)} image(s), " if enc.images else ""
-        with err.status(f"reading {what}{len(enc.tokens)} prompt tokens …"):
-            first = next(steps, None)
-        for step in itertools.chain([first] if first else [], steps):
-            text.append(step.text)
-            tokens.append(step.token)
-            last = step
-            if not as_json:
-                sys.stdout.write(step.text)
-                sys.stdout.flush()
+        room = context_room(m, len(enc.tokens))
+        if room < 1:
+            raise ContextOverflow(f"the prompt ({len(enc.tokens)} tokens) fills the context "
+                                  f"window of {len(enc.tokens) + room} tokens")
+        # a --max-tokens beyond the context stops at its end, finish reason "length"
+        steps = m.stream_encoded(enc, max_tokens=min(max_tokens, room),
+                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        text: list[str] = []
+        tokens: list[int] = []
+        last = None
+        interrupted = False
+        try:
+            what = f"{len(enc.images)} image(s), " if enc.images else ""
+            with err.status(f"reading {what}{len(enc.tokens)} prompt tokens …"):
+                first = next(steps, None)
+            for step in itertools.chain([first] if first else [], steps):
+                text.append(step.text)
+                tokens.append(step.token)
+                last = step
+                if not as_json:
+                    sys.stdout.write(step.text)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:  # keep what was generated: print it, then exit 130
+            interrupted = True
+        finally:
+            steps.close()
         answer = "".join(text)
+        finish = "interrupted" if interrupted else last.finish_reason if last else None
         if as_json:
             sys.stdout.write(json.dumps({
                 "text": answer, "tokens": tokens, "prompt_tokens": len(enc.tokens),
-                "finish_reason": last.finish_reason if last else None,
-                "timings": timings(last, load_s)}) + "\n")
+                "finish_reason": finish, "timings": timings(last, load_s)}) + "\n")
         elif answer and not answer.endswith("\n"):
             sys.stdout.write("\n")
-        err.print(f"[dim]{stats_line(last, len(tokens), load_s)}[/dim]")
+        sys.stdout.flush()
+        if interrupted:
+            err.print("[yellow]interrupted[/yellow]")
+        err.print(stats_line(last, len(tokens), load_s), style="dim", markup=False)
+        if interrupted:
+            raise typer.Exit(130)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import app, err, user_errors
+from .common import err, user_errors
 from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
@@ -97,7 +97,6 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
     }
 
 
-@app.command()
 def bench(
     model: Annotated[str | None, typer.Argument(
         help="Model directory or registry NAME[:VARIANT] (default: $PIXLOCAL_MODEL, then the "

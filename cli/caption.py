@@ -32,7 +32,6 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .app import app, err, user_errors
 from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
@@ -42,7 +41,11 @@ from .common import (
     MaxImageOpt,
     MaxVramOpt,
     ModelOpt,
+    ThreadsOpt,
+    err,
+    escape,
     load_model,
+    user_errors,
 )
 
 if TYPE_CHECKING:
@@ -181,7 +184,6 @@ def _error_text(p: Path, e: BaseException) -> str:
     return msg if str(p) in msg else f"{p}: {msg}"
 
 
-@app.command()
 def caption(
     inputs: Annotated[list[Path], typer.Argument(
         help="Images and folders (searched recursively).", metavar="DIR|FILE...")],

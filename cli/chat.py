@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .app import app, err, user_errors
+from .common import err, user_errors
 from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
@@ -237,7 +237,6 @@ def _save_history(path: Path | None) -> None:
         pass
 
 
-@app.command()
 def chat(
     images: Annotated[list[str] | None, typer.Argument(
         help="Images to start with (paths, URLs or data URIs).", metavar="[IMAGE]...")] = None,

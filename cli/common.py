@@ -1,27 +1,108 @@
-"""What several commands share: the --model option, loading with a spinner, the stats line."""
+"""What several commands share: the consoles, one-line errors, the options that load a model,
+loading with a spinner, the stats line. Command modules import this, never cli/app.py."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import re
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 
 from pixlocal.config import DEFAULT_CONTEXT
-
-from .app import err
 
 if TYPE_CHECKING:
     from pixlocal.generate import Pixtral, Step
 
+UNWRAPPED = 1_000_000  # columns of a console that is not a terminal: nothing is hard-wrapped
+
+
+class Term(Console):
+    """A rich Console that hard-wraps only on a terminal: into a pipe or a file every line
+    stays whole (rich would otherwise take another stream's terminal width, or 80)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._width is None and not self.is_terminal:
+            return ConsoleDimensions(UNWRAPPED, size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+err = Term(stderr=True, highlight=False)  # status, progress, errors: the answers' stdout stays clean
+
+
+def out() -> Term:
+    """A console on stdout as it is now (CliRunner swaps sys.stdout per call)."""
+    return Term(highlight=False, soft_wrap=True)
+
+
+def error_line(msg: object) -> None:
+    """One red `error: ...` line; the message is printed as it is (no markup in it is read)."""
+    err.print(f"[red]error:[/red] {escape(' '.join(str(msg).split()))}", soft_wrap=True)
+
+
+def _os_error_text(e: OSError) -> str:
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what}" if e.filename else what
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """PixlocalError or an OSError (a file that cannot be written, a full disk) -> one red line
+    and exit 1; Ctrl-C -> exit 130. --debug (or $PIXLOCAL_DEBUG) shows the traceback first.
+    A closed stdout (`| head`) is left to the caller: the app exits quietly."""
+    from pixlocal.errors import PixlocalError
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except (PixlocalError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is None:
+            raise  # an OSError without an errno is not about the user's files: a bug
+        if os.environ.get("PIXLOCAL_DEBUG"):
+            err.print_exception()
+        error_line(_os_error_text(e) if isinstance(e, OSError) else e)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]")
+        raise typer.Exit(130) from None
+
+
+def is_broken_pipe(e: BaseException) -> bool:
+    return isinstance(e, BrokenPipeError) or (isinstance(e, OSError) and
+                                              e.errno == errno.EPIPE)
+
+
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", "-t", min=1,
+    help="CPU threads (default: the cores free to this process; $PIXLOCAL_THREADS).")]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="Model directory, or a name/alias from models.toml (NAME[:VARIANT]); "
     "default: $PIXLOCAL_MODEL, then the registry default.")]
 DtypeOpt = Annotated[str, typer.Option(
     help="auto (bfloat16 on a GPU or a CPU with native bfloat16, else float32), bfloat16 or "
          "float32.")]
+def check_device(value: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (torch's own error for anything else is a
+    traceback-sized RuntimeError)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        raise typer.BadParameter(f"{value!r} is not auto, cpu, cuda or cuda:N")
+    return value
+
+
 DeviceOpt = Annotated[str, typer.Option(
-    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")]
+    callback=check_device, help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")]
 GpuLayersOpt = Annotated[str, typer.Option(
     help="Decoder layers on the GPU: N, or auto (as many as fit; the rest run on the CPU).")]
 MaxVramOpt = Annotated[float | None, typer.Option(
@@ -44,7 +125,8 @@ def placement_kw(gpu_layers: str, max_vram: float | None, context: int) -> dict[
 
 def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int | None = None,
                gpu_layers: str = "auto", max_vram: float | None = None,
-               context: int = DEFAULT_CONTEXT) -> tuple[Pixtral, float, str]:
+               context: int = DEFAULT_CONTEXT, threads: int | None = None
+               ) -> tuple[Pixtral, float, str]:
     """Resolve --model and load it under a spinner: (model, load seconds, label)."""
     import pixlocal
     from pixlocal.registry import resolve
@@ -52,7 +134,9 @@ def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int 
     kw = placement_kw(gpu_layers, max_vram, context)
     r = resolve(ref)
     t0 = time.perf_counter()
-    with err.status(f"loading {r.label} …"):
+    if threads is not None:
+        kw["threads"] = threads
+    with err.status(f"loading {escape(r.label)} …"):
         m = pixlocal.load(r.path, device=device, dtype=dtype, max_image_size=max_image_size,
                           **kw)
     return m, time.perf_counter() - t0, r.label

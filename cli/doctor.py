@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .app import app, err, user_errors
+from .common import check_device, err, user_errors
 
 _FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
           "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16",
@@ -126,9 +126,9 @@ def _gib(b: int | None) -> str:
     return "unknown" if b is None else f"{b / 2**30:.1f} GiB"
 
 
-@app.command()
 def doctor(
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(callback=check_device,
+                                        help="auto, cpu, cuda or cuda:N.")] = "auto",
     gpu_layers: Annotated[str, typer.Option(help="Decoder layers on the GPU: N or auto.")
                           ] = "auto",
     max_vram: Annotated[float | None, typer.Option(help="Cap on the VRAM to plan for, GiB.")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .app import app, err, user_errors
+from .common import err, user_errors
 
 if TYPE_CHECKING:
     from pixlocal.config import PixtralArgs
@@ -36,7 +36,6 @@ def _out() -> Console:
 
 
 # ---- models ------------------------------------------------------------------------------
-@app.command("models")
 def models_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ) -> None:
@@ -200,7 +199,6 @@ def _quant_target(spec: ModelSpec, quant: str) -> Variant:
     raise ConfigError(f"{spec.name}: models.toml lists no {quant} variant")
 
 
-@app.command()
 def pull(
     name: Annotated[str, typer.Argument(help="A model name or alias from models.toml.")],
     quant: Annotated[str | None, typer.Option(
@@ -307,7 +305,6 @@ def _info(path: Path, context: int) -> dict[str, Any]:
     }
 
 
-@app.command()
 def info(
     model: Annotated[str | None, typer.Argument(
         help="Path, name or alias (default: $PIXLOCAL_MODEL, then the registry default).")
@@ -348,7 +345,6 @@ def info(
 
 
 # ---- rm ----------------------------------------------------------------------------------
-@app.command()
 def rm(
     model: Annotated[str, typer.Argument(help="NAME[:VARIANT] from models.toml.")],
     all_variants: Annotated[bool, typer.Option("--all", help="Every variant of NAME.")] = False,

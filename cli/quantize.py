@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .app import app, err, user_errors
+from .common import err, user_errors
 
 
 def _human(n: float) -> str:
@@ -40,7 +40,6 @@ def _progress_bar(label: str):
                     TimeRemainingColumn(), console=err, transient=True)
 
 
-@app.command()
 def quantize(
     src: Annotated[Path, typer.Argument(
         metavar="SRC", help="Model dir: Mistral (consolidated.safetensors) or Hugging Face.")],
@@ -86,7 +85,6 @@ def quantize(
         sys.stdout.write(f"{rep.out}\n")
 
 
-@app.command()
 def verify(
     model_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A quantized model dir.")],
 ) -> None:

@@ -9,7 +9,6 @@ import json
 import shutil
 
 import cli_fixtures
-from pixlocal.cli import ask, bench, caption, chat, models  # noqa: F401  (register commands)
 from pixlocal.cli.app import app
 from typer.testing import CliRunner
 

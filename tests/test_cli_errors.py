@@ -19,7 +19,6 @@ def _free_port() -> int:
 
 
 def _ask(*args: str):
-    from pixlocal.cli import ask  # noqa: F401  (registers the command)
     return CliRunner().invoke(app, ["ask", *args])
 
 

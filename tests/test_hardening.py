@@ -449,7 +449,6 @@ def test_max_tokens_bounds_in_the_library(tiny_model, sample_png):
 
 
 def test_max_tokens_bounds_on_the_command_line(tmp_path, tiny_ckpt, sample_png):
-    from pixlocal.cli import ask, caption  # noqa: F401  (register the commands)
     from pixlocal.cli.app import app
     from typer.testing import CliRunner
     run = CliRunner()
