@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,20 +13,12 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from pixlocal.units import human_bytes as human
+
 from .common import err, user_errors
 
 if TYPE_CHECKING:
-    from pixlocal.config import PixtralArgs
-    from pixlocal.errors import PixlocalError
-    from pixlocal.registry import ModelSpec, Variant
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError(n)
+    from pixlocal.hub import PullEvent
 
 
 def _out() -> Console:
@@ -72,131 +62,61 @@ def models_cmd(
 
 
 # ---- pull --------------------------------------------------------------------------------
-def _hub_error(e: BaseException, repo: str, filename: str, token: str | None) -> PixlocalError:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+class _PullView:
+    """Draws pixlocal.hub's PullEvents on stderr: one line and one rich bar per file
+    (huggingface_hub's own bars hide themselves when stderr is not a terminal)."""
 
-    from pixlocal.errors import ModelNotFound, PixlocalError
-    site = constants.ENDPOINT
-    status = getattr(getattr(e, "response", None), "status_code", None)
-    if isinstance(e, GatedRepoError):
-        how = ("your token has no access yet" if token else
-               "then pass --token or set HF_TOKEN")
-        return PixlocalError(f"{repo} is gated: accept its conditions at {site}/{repo} "
-                             f"while logged in ({how})")
-    if isinstance(e, RepositoryNotFoundError):
-        return ModelNotFound(f"{repo}: repository not found on {site} (or private: pass "
-                             "--token or set HF_TOKEN)")
-    if isinstance(e, HfHubHTTPError) and status == 401:
-        return PixlocalError(f"{site} refused the Hugging Face token (401 unauthorised): check "
-                             "--token or HF_TOKEN")
-    if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
-        return ModelNotFound(f"{repo}: file {filename} not found on {site}")
-    if isinstance(e, HfHubHTTPError) and status is not None:
-        return PixlocalError(f"{repo}: downloading {filename} failed (HTTP {status})")
-    return PixlocalError(f"cannot reach {site} for {repo}/{filename} (offline?): rerun the "
-                         "pull when online; finished files are kept and partial ones resume")
-
-
-class _Bar:
-    """The part of tqdm's interface huggingface_hub's downloader uses, drawn by rich on
-    stderr (huggingface_hub's own bars hide themselves when stderr is not a terminal)."""
-    progress: Progress | None = None
-    label = ""  # the file name (huggingface_hub's desc is a truncated URL)
-
-    def __init__(self, *, total: int | None = None, initial: int = 0, **_: Any):
-        assert self.progress is not None
-        self.task = self.progress.add_task(self.label, total=total, completed=initial)
-
-    def update(self, n: int = 1) -> None:
-        assert self.progress is not None
-        self.progress.advance(self.task, n)
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.task: Any = None
 
     def close(self) -> None:
-        pass
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def __call__(self, ev: PullEvent) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        if ev.what == "bytes" and self.bar is not None:
+            self.bar.update(self.task, completed=ev.done, total=ev.total)
+            return
         self.close()
+        if ev.what == "file":
+            err.print(f"[dim]{ev.repo}: {ev.name} ({ev.index}/{ev.count})[/dim]")
+            self.bar = Progress(TextColumn("  {task.description}"), BarColumn(),
+                                TaskProgressColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                TimeRemainingColumn(), console=err)
+            self.task = self.bar.add_task(ev.name, total=None)
+            self.bar.start()
+        from pixlocal.registry import dir_size
+        if ev.what == "downloaded" and ev.path is not None:
+            err.print(f"[green]downloaded[/green] {ev.repo} → {ev.path} "
+                      f"({human(dir_size(ev.path))})")
+        elif ev.what == "present" and ev.path is not None:
+            err.print(f"[dim]{ev.path} is already there; `pixlocal rm {ev.name}` to redo "
+                      "it[/dim]")
 
 
-def _check_reachable(repo: str) -> None:
-    """Fail at once, not after huggingface_hub's ~30 s of retries, when the hub cannot even be
-    connected to (no network, DNS failure, refused). Skipped behind a proxy."""
-    import socket
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
+def _quantize_with_bar(src: Path, out: Path, bits: int) -> None:
     from pixlocal.errors import PixlocalError
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
-                                       "ALL_PROXY", "all_proxy")):
-        return
-    u = urlsplit(constants.ENDPOINT)
-    port = u.port or (443 if u.scheme == "https" else 80)
     try:
-        socket.create_connection((u.hostname or "", port), timeout=10).close()
-    except OSError as e:
-        why = "host not found" if isinstance(e, socket.gaierror) else (e.strerror or str(e))
-        raise PixlocalError(f"cannot reach {constants.ENDPOINT} for {repo} ({why}; offline?): "
-                            "rerun the pull when online; partial downloads resume") from None
-
-
-def _download(repo: str, patterns: tuple[str, ...], dest: Path, token: str | None) -> None:
-    import huggingface_hub
-    _check_reachable(repo)
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-    dest.mkdir(parents=True, exist_ok=True)
-    names: list[str] = []
-    for pat in patterns:
-        if not any(c in pat for c in "*?["):
-            names.append(pat)
-            continue
-        # a pattern names shards listed by an index file fetched before it (no API listing)
-        listed: set[str] = set()
-        for idx in dest.glob("*.index.json"):
-            try:
-                listed |= set(json.loads(idx.read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                continue
-        names += sorted(n for n in listed if fnmatch.fnmatch(n, pat))
-    for i, name in enumerate(names, 1):
-        err.print(f"[dim]{repo}: {name} ({i}/{len(names)})[/dim]")
-        _Bar.label = name
-        with Progress(TextColumn("  {task.description}"), BarColumn(), TaskProgressColumn(),
-                      DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                      console=err) as _Bar.progress:
-            try:
-                huggingface_hub.hf_hub_download(repo, name, local_dir=dest, token=token,
-                                                tqdm_class=_Bar)  # type: ignore[arg-type]
-            except Exception as e:  # every hub or network failure becomes one line
-                from pixlocal.errors import PixlocalError
-                if isinstance(e, PixlocalError):
-                    raise
-                raise _hub_error(e, repo, name, token) from e
-
-
-def _quant_target(spec: ModelSpec, quant: str) -> Variant:
-    from pixlocal.errors import ConfigError
-    for v in spec.variants.values():
-        if v.quant == quant:
-            return v
-    raise ConfigError(f"{spec.name}: models.toml lists no {quant} variant")
+        from pixlocal.quant import quantize_checkpoint
+    except ImportError as e:
+        raise PixlocalError(f"cannot quantize: the quantizer is unavailable ({e})") from None
+    from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
+    with Progress(f"quantizing to int{bits}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task("quantize", total=None)
+        quantize_checkpoint(src, out, bits=bits, progress=lambda done, total: bar.update(
+            task, completed=done, total=total))
+    err.print(f"[green]quantized[/green] {out} ({human(dir_size(out))})")
 
 
 def pull(
@@ -209,82 +129,29 @@ def pull(
         help="mistral (upstream) or hf (hf_upstream, Llava format).")] = "mistral",
 ) -> None:
     """Download a model from Hugging Face (resumable), then quantize it."""
-    if source not in ("mistral", "hf"):
+    from pixlocal import hub
+    if source not in hub.SOURCES:
         raise typer.BadParameter(f"{source!r} is not mistral or hf", param_hint="--source")
-    if quant is not None and quant not in ("int4", "int8", "none"):
+    if quant is not None and quant not in hub.QUANTS:
         raise typer.BadParameter(f"{quant!r} is not int4, int8 or none", param_hint="--quant")
+    view = _PullView()
     with user_errors():
-        from pixlocal.errors import ConfigError, ModelNotFound, PixlocalError
-        from pixlocal.registry import dir_size, is_downloaded, load_registry
-        reg = load_registry()
-        spec = reg.find(name)
-        if spec is None:
-            raise ModelNotFound(f"unknown model {name!r}: not a name or alias in {reg.path} "
-                                f"(known: {', '.join(sorted(reg.models)) or 'none'})")
-        want = quant or spec.variant().quant or "none"
-        repo, files = ((spec.upstream, spec.files) if source == "mistral"
-                       else (spec.hf_upstream, spec.hf_files))
-        if not repo or not files:
-            raise ConfigError(f"{reg.path}: {spec.name} has no "
-                              f"{'upstream' if source == 'mistral' else 'hf_upstream'} files")
-        src = spec.source_variant.path
-        _download(repo, files, src, token or os.environ.get("HF_TOKEN") or None)
-        if not is_downloaded(src):
-            raise PixlocalError(f"{src}: the download finished but holds no loadable model "
-                                f"(check `files` in {reg.path})")
-        err.print(f"[green]downloaded[/green] {repo} → {src} ({human(dir_size(src))})")
-        out = src
-        if want != "none":
-            target = _quant_target(spec, want)
-            try:
-                from pixlocal.quant import quantize_checkpoint
-            except ImportError as e:
-                raise PixlocalError(f"cannot quantize: the quantizer is unavailable ({e})"
-                                    ) from None
-            if is_downloaded(target.path):
-                err.print(f"[dim]{target.path} is already there; `pixlocal rm "
-                          f"{spec.name}:{target.name}` to redo it[/dim]")
-            else:
-                from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
-                with Progress(f"quantizing to {want}", BarColumn(), DownloadColumn(),
-                              TimeRemainingColumn(), console=err) as bar:
-                    task = bar.add_task("quantize", total=None)
-                    quantize_checkpoint(src, target.path, bits=int(want[3:]),
-                                        progress=lambda done, total: bar.update(
-                                            task, completed=done, total=total))
-                err.print(f"[green]quantized[/green] {target.path} "
-                          f"({human(dir_size(target.path))})")
-            out = target.path
+        try:
+            out = hub.pull(name, quant=quant, token=token, source=source, on_event=view,
+                           quantize=_quantize_with_bar)
+        finally:
+            view.close()
         sys.stdout.write(f"{out}\n")
 
 
 # ---- info --------------------------------------------------------------------------------
-def param_counts(args: PixtralArgs) -> dict[str, int]:
-    import torch
-
-    from pixlocal.model import PixtralModel
-    with torch.device("meta"):
-        model = PixtralModel(args)
-    counts = {"decoder": 0, "vision": 0}
-    for n, p in model.named_parameters():
-        counts["vision" if n.startswith("vision_") else "decoder"] += p.numel()
-    return counts
-
-
-def kv_bytes_per_token(args: PixtralArgs, elem: int = 2) -> int:
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem
-
-
 def _info(path: Path, context: int) -> dict[str, Any]:
     from pixlocal.config import read_args
+    from pixlocal.memory import load_estimate, param_counts
     from pixlocal.registry import dir_size, quant_of
     args = read_args(path)
     counts = param_counts(args)
     quant = quant_of(path)
-    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    # unquantized weights load as bfloat16 (2 bytes each); quantized ones as stored
-    mem_weights = weights if quant else 2 * sum(counts.values())
-    kv = kv_bytes_per_token(args) * context
     v = args.vision_encoder
     return {
         "path": str(path),
@@ -299,9 +166,7 @@ def _info(path: Path, context: int) -> dict[str, Any]:
             "layers": v.num_hidden_layers, "dim": v.hidden_size, "heads": v.num_attention_heads,
             "patch": v.patch_size, "max_image": v.image_size, "params": counts["vision"]},
         "disk_bytes": dir_size(path),
-        "memory": {"context": context, "weights_bytes": mem_weights, "kv_cache_bytes": kv,
-                   "kv_bytes_per_token": kv_bytes_per_token(args),
-                   "total_bytes": mem_weights + kv},
+        "memory": load_estimate(path, args, quant is not None, sum(counts.values()), context),
     }
 
 
