@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from pixlocal.config import DEFAULT_CONTEXT
+from pixlocal.units import human_bytes
 
 from .common import check_device, err, user_errors
 
@@ -25,26 +27,12 @@ def _version(pkg: str) -> str:
 
 
 def cpu_facts(cpuinfo: str | None = None) -> dict[str, Any]:
-    """Model, ISA features and physical cores from /proc/cpuinfo (Linux), else platform."""
-    if cpuinfo is None:
-        p = Path("/proc/cpuinfo")
-        cpuinfo = p.read_text() if p.is_file() else ""
-    model, flags, cores = platform.processor() or platform.machine(), set(), set()
-    phys = core = ""
-    for line in cpuinfo.splitlines():
-        key, _, val = (s.strip() for s in line.partition(":"))
-        if key == "model name":
-            model = val
-        elif key == "flags":
-            flags |= set(val.split())
-        elif key == "physical id":
-            phys = val
-        elif key == "core id":
-            core = val
-            cores.add((phys, core))
-    return {"model": model, "features": [n for f, n in _FLAGS.items() if f in flags],
-            "physical_cores": len(cores) or os.cpu_count() or 1,
-            "logical_cpus": os.cpu_count() or 1}
+    """Model, ISA features and physical cores (pixlocal.host; `cpuinfo`: /proc/cpuinfo's text
+    to read instead of this machine's)."""
+    from pixlocal import host
+    c = host.cpu() if cpuinfo is None else host.parse_cpuinfo(cpuinfo)
+    return {"model": c.model, "features": [n for f, n in _FLAGS.items() if f in c.flags],
+            "physical_cores": c.physical_cores, "logical_cpus": c.logical_cpus}
 
 
 def ram_bytes() -> int | None:
@@ -81,7 +69,7 @@ def gather(device: str, gpu_layers: str, max_vram: float | None, model: str | No
            context: int) -> dict[str, Any]:
     import torch
 
-    from pixlocal import placement
+    from pixlocal import memory, placement
     from pixlocal.config import PixtralArgs
     from pixlocal.loader import parse_device
     from pixlocal.qformat import QuantSpec
@@ -107,23 +95,23 @@ def gather(device: str, gpu_layers: str, max_vram: float | None, model: str | No
         from pixlocal.checkpoint import open_checkpoint
         from pixlocal.loader import args_of, resolve_dir
         args = args_of(model)
-        sizes = placement.checkpoint_bytes(open_checkpoint(resolve_dir(model), args),
-                                           torch.bfloat16)
+        sizes = memory.checkpoint_bytes(open_checkpoint(resolve_dir(model), args),
+                                        torch.bfloat16)
         what = str(model)
     else:
         args = PixtralArgs.pixtral_12b()
-        sizes = placement.estimate_bytes(args, QuantSpec.default(4))
+        sizes = memory.estimate_bytes(args, QuantSpec.default(4))
         what = "Pixtral-12B int4-g32 (estimate)"
     free_b = info["gpu"]["free_vram_bytes"] if info["gpu"] else None
     plan = placement.plan(args, sizes, free_b, min(context, args.max_seq_len),
-                          placement.image_tokens(args), layers,  # type: ignore[arg-type]
+                          memory.image_tokens(args), layers,  # type: ignore[arg-type]
                           None if max_vram is None else int(max_vram * placement.GiB))
     info["plan"] = {"model": what, "gpu_layers": plan.gpu_layers, "text": plan.describe()}
     return info
 
 
-def _gib(b: int | None) -> str:
-    return "unknown" if b is None else f"{b / 2**30:.1f} GiB"
+def _size(b: int | None) -> str:
+    return "unknown" if b is None else human_bytes(b)
 
 
 def doctor(
@@ -136,7 +124,7 @@ def doctor(
     model: Annotated[str | None, typer.Option(help="Plan for this model dir (default: "
                                                    "12B int4 shapes).")] = None,
     context: Annotated[int, typer.Option(help="Context length to plan the KV cache for.")
-                       ] = 32768,
+                       ] = DEFAULT_CONTEXT,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check this machine: versions, CPU features, GPU, kernels, and the memory plan."""
@@ -157,11 +145,11 @@ def doctor(
     c = info["cpu"]
     out.print(f"{'cpu':>20}  {c['model']} · {c['physical_cores']} physical cores, "
               f"{c['logical_cpus']} logical · {', '.join(c['features']) or 'no AVX2'}")
-    out.print(f"{'ram':>20}  {_gib(info['ram_bytes'])}")
+    out.print(f"{'ram':>20}  {_size(info['ram_bytes'])}")
     g = info["gpu"]
     out.print(f"{'gpu':>20}  " + ("no CUDA device" if g is None else
               f"{g['name']} · compute capability {g['compute_capability']} · "
-              f"{_gib(g['free_vram_bytes'])} free of {_gib(g['total_vram_bytes'])}"))
+              f"{_size(g['free_vram_bytes'])} free of {_size(g['total_vram_bytes'])}"))
     t = Table("layer kind", "CPU (decode / prefill)", "CUDA (decode / prefill)")
     for row in info["kernels"]:
         t.add_row(*row)
