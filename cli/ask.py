@@ -6,7 +6,7 @@ import itertools
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -14,21 +14,20 @@ from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
     DeviceOpt,
+    IMAGE_SUFFIXES,
     DtypeOpt,
     GpuLayersOpt,
     MaxImageOpt,
     MaxVramOpt,
     ModelOpt,
     ThreadsOpt,
+    context_room,
     err,
     load_model,
     stats_line,
     timings,
     user_errors,
 )
-
-if TYPE_CHECKING:
-    from pixlocal.generate import Pixtral
 
 
 def read_prompt(prompt: str) -> str:
@@ -37,24 +36,14 @@ def read_prompt(prompt: str) -> str:
     return prompt
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic",
-                  ".heif", ".avif", ".jxl")
-
-
 def looks_like_image(arg: str) -> bool:
     """An argument that names an image rather than asks something: an existing file, a URL or
     data URI, or one word ending in an image suffix."""
     if arg.startswith(("http://", "https://", "file:", "data:")):
         return True
-    if len(arg.split()) == 1 and arg.lower().endswith(IMAGE_SUFFIXES):
+    if len(arg.split()) == 1 and arg.lower().endswith(tuple(IMAGE_SUFFIXES)):
         return True
     return arg != "-" and "\n" not in arg and os.path.isfile(arg)
-
-
-def context_room(m: Pixtral, n_prompt: int) -> int:
-    """Tokens left after the prompt in the context the loaded model holds."""
-    limit = min(m.args.max_seq_len, getattr(m, "context_len", m.args.max_seq_len))
-    return limit - n_prompt
 
 
 def ask(

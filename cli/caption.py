@@ -4,11 +4,18 @@ Records go to stdout or -o FILE (jsonl, csv) or to a sidecar `photo.txt` per ima
 flushed and fsynced as soon as it exists, so Ctrl-C, a crash or a kill loses nothing already
 done and `--resume` skips what is recorded (failed images included: one record per image).
 While the model writes one caption, a background thread decodes and preprocesses the next.
+
+A record's path is the image's absolute path, and --resume compares real paths, so a run
+resumes from any directory. -o FILE is locked (flock) while a run writes it: a second run on
+the same file refuses. A sidecar is `photo.txt`, as dataset tools expect, unless another image
+in the folder has the same stem (`photo.jpg`, `photo.png`): then each gets `photo.jpg.txt`,
+`photo.png.txt`, so no caption overwrites another.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -16,10 +23,11 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -34,6 +42,7 @@ from rich.text import Text
 
 from .common import (
     DEFAULT_CONTEXT,
+    IMAGE_SUFFIXES,
     ContextOpt,
     DeviceOpt,
     DtypeOpt,
@@ -42,7 +51,9 @@ from .common import (
     MaxVramOpt,
     ModelOpt,
     ThreadsOpt,
+    context_room,
     err,
+    error_line,
     escape,
     load_model,
     user_errors,
@@ -52,26 +63,60 @@ if TYPE_CHECKING:
     from pixlocal.generate import Pixtral
     from pixlocal.prompt import Encoded
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic",
-                  ".heif", ".avif", ".jxl"}  # the last four are reported when unsupported
 CSV_FIELDS = ["path", "caption", "error", "tokens", "seconds"]
 LOOKAHEAD = 2  # images decoded ahead of the one being captioned
+
+
+def _matches(f: Path, root: Path, glob: str) -> bool:
+    """--glob against the path below the folder, case-insensitively (like the suffix filter:
+    '*.jpg' takes photo.JPG too)."""
+    return PurePosixPath(f.relative_to(root).as_posix().lower()).match(glob.lower())
 
 
 def collect(inputs: list[Path], glob: str | None, skip_txt: bool) -> list[Path]:
     found: dict[str, Path] = {}
     for p in inputs:
         if p.is_dir():
-            for f in sorted(p.rglob(glob or "*")):
+            for f in sorted(p.rglob("*")):
                 if not f.is_file() or (skip_txt and f.suffix.lower() == ".txt"):
                     continue
-                if glob or f.suffix.lower() in IMAGE_SUFFIXES:
-                    found.setdefault(os.path.abspath(f), f)
+                if _matches(f, p, glob) if glob else f.suffix.lower() in IMAGE_SUFFIXES:
+                    found.setdefault(os.path.realpath(f), f)
         elif p.exists():
-            found.setdefault(os.path.abspath(p), p)
+            found.setdefault(os.path.realpath(p), p)
         else:
             raise typer.BadParameter(f"{p}: no such file or directory", param_hint="DIR|FILE")
     return list(found.values())
+
+
+def sidecars(files: list[Path]) -> tuple[dict[str, Path], list[list[Path]]]:
+    """The .txt sidecar of each image (by real path), and the groups of images in one folder
+    that share a stem (case-insensitively: 'a.JPG' and 'a.png' clash on macOS too). The
+    folder's other images count as well, so a run restricted by --glob never takes a name
+    that a run over the whole folder gives another image."""
+    listing: dict[Path, list[Path]] = {}
+    for p in files:
+        d = p.parent
+        if d not in listing:
+            try:
+                listing[d] = [q for q in d.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES]
+            except OSError:
+                listing[d] = []
+    groups: dict[tuple[Path, str], set[str]] = {}
+    for d, names in listing.items():
+        for q in names:
+            groups.setdefault((d, q.stem.lower()), set()).add(q.name)
+    for p in files:
+        groups.setdefault((p.parent, p.stem.lower()), set()).add(p.name)
+    side, clashes = {}, []
+    for p in files:
+        names = groups[(p.parent, p.stem.lower())]
+        side[os.path.realpath(p)] = p.parent / (f"{p.name}.txt" if len(names) > 1
+                                                else f"{p.stem}.txt")
+    for (d, _), names in groups.items():
+        if len(names) > 1:
+            clashes.append([d / n for n in sorted(names)])
+    return side, clashes
 
 
 def _fsync(f: IO[str]) -> None:
@@ -79,15 +124,24 @@ def _fsync(f: IO[str]) -> None:
     try:
         os.fsync(f.fileno())
     except (OSError, ValueError, io.UnsupportedOperation):
-        pass  # a pipe or a test's captured stream: flushed is all there is
+        pass  # a pipe, a device or a test's captured stream: flushed is all there is
+
+
+def _record_path(p: Path) -> str:
+    return os.path.abspath(p)
 
 
 class Sink:
-    """Where records go; `done` holds the absolute paths already recorded."""
+    """Where records go; `done` holds the real paths already recorded."""
 
-    def __init__(self, fmt: str, out: Path | None, resume: bool, overwrite: bool):
+    def __init__(self, fmt: str, out: Path | None, resume: bool, overwrite: bool,
+                 files: list[Path]):
+        from pixlocal.errors import PixlocalError
         self.fmt, self.out, self.done = fmt, out, set[str]()
         self.stream: IO[str] = sys.stdout
+        self.console: Console | None = None  # set: records are printed through it
+        self.failed = False
+        self.side, self.clashes = sidecars(files) if fmt == "txt" else ({}, [])
         if fmt == "txt":
             return
         if out is None:
@@ -96,29 +150,48 @@ class Sink:
             if fmt == "csv":
                 self._csv_header()
             return
+        if out.is_dir():
+            raise PixlocalError(f"{out} is a directory: -o takes a file name")
         exists = out.is_file() and out.stat().st_size > 0
         if exists and not (resume or overwrite):
             raise typer.BadParameter(f"{out} exists: pass --resume to continue it or "
                                      "--overwrite to replace it", param_hint="-o")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.stream = open(out, "a", encoding="utf-8", newline="")  # truncated once locked
+        except OSError as e:
+            raise PixlocalError(f"{out}: cannot write ({e.strerror or e})") from None
+        self._lock(out)
         if exists and resume:
             self._load_done(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.stream = open(out, "a" if resume else "w", encoding="utf-8", newline="")
+        elif out.is_file():
+            self.stream.truncate(0)
         if not (exists and resume) and fmt == "csv":
             self._csv_header()
 
+    def _lock(self, out: Path) -> None:
+        from pixlocal.errors import PixlocalError
+        try:
+            fcntl.flock(self.stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.stream.close()
+            raise PixlocalError(f"{out} is being written by another `pixlocal caption` run "
+                                "(it is locked): wait for it, or pick another -o") from None
+        except OSError:
+            pass  # a file system without locks: go on unlocked
+
     def _csv_header(self) -> None:
-        csv.writer(self.stream, lineterminator="\n").writerow(CSV_FIELDS)
-        _fsync(self.stream)
+        self._emit(lambda f: csv.writer(f, lineterminator="\n").writerow(CSV_FIELDS))
 
     def _load_done(self, out: Path) -> None:
         from pixlocal.errors import FormatError
         text = out.read_bytes().decode("utf-8", errors="replace")
+        recorded: list[str] = []
         if self.fmt == "jsonl":
             good = text[: text.rfind("\n") + 1]  # a killed run may leave half a line
             for i, line in enumerate(good.splitlines(), 1):
                 try:
-                    self.done.add(os.path.abspath(json.loads(line)["path"]))
+                    recorded.append(str(json.loads(line)["path"]))
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise FormatError(f"{out}: line {i} is not a caption record") from None
         else:  # csv: a record ends at a newline outside quotes ("" escapes keep the parity)
@@ -130,37 +203,76 @@ class Sink:
             if good and (not rows and not good.startswith("path,") or
                          rows and "path" not in rows[0]):
                 raise FormatError(f"{out}: not a caption CSV (no path column)")
-            self.done.update(os.path.abspath(r["path"]) for r in rows)
+            recorded += [r["path"] for r in rows]
+        for r in recorded:
+            if os.path.isabs(r):
+                self.done.add(os.path.realpath(r))
+            else:  # written by an older pixlocal, relative to its working directory
+                self.done.add(os.path.realpath(r))
+                self.done.add(os.path.realpath(out.parent / r))
         if len(good.encode()) != out.stat().st_size:
-            with open(out, "r+b") as f:  # drop the torn record so appends start on a line
-                f.truncate(len(good.encode()))
+            self.stream.truncate(len(good.encode()))  # drop the torn record
+
+    def sidecar(self, p: Path) -> Path:
+        return self.side[os.path.realpath(p)]
 
     def already(self, p: Path) -> bool:
         if self.fmt == "txt":
-            return p.with_suffix(".txt").is_file()
-        return os.path.abspath(p) in self.done
+            return self.sidecar(p).is_file()
+        return os.path.realpath(p) in self.done
+
+    def _emit(self, write: Any) -> None:
+        """Run write(stream), flushed and fsynced; a write that fails (a full disk) stops the
+        run with one line naming the file."""
+        from pixlocal.errors import PixlocalError
+        if self.console is not None:
+            buf = io.StringIO()
+            write(buf)
+            self.console.print(Text(buf.getvalue().rstrip("\n")), soft_wrap=True)
+            return
+        try:
+            write(self.stream)
+            _fsync(self.stream)
+        except OSError as e:
+            if e.errno is None or isinstance(e, BrokenPipeError):
+                raise
+            self.failed = True
+            where = self.out if self.out is not None else "stdout"
+            raise PixlocalError(f"{where}: cannot write a record ({e.strerror}); the records "
+                                "before it are kept") from None
 
     def write(self, rec: dict[str, Any], p: Path) -> None:
         if self.fmt == "jsonl":
-            self.stream.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            line = json.dumps(rec, ensure_ascii=False) + "\n"
+            self._emit(lambda f: f.write(line))
         elif self.fmt == "csv":
-            csv.writer(self.stream, lineterminator="\n").writerow(
-                [rec.get(k, "") for k in CSV_FIELDS])
+            row = [rec.get(k, "") for k in CSV_FIELDS]
+            self._emit(lambda f: csv.writer(f, lineterminator="\n").writerow(row))
         elif "caption" in rec:  # txt: errors go to stderr only; a rerun retries them
-            side = p.with_suffix(".txt")
+            side = self.sidecar(p)
             tmp = side.with_name(f".{side.name}.tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(rec["caption"] + "\n")
                 _fsync(f)
             os.replace(tmp, side)  # atomic: a sidecar that exists is complete
-            return
-        else:
-            return
-        _fsync(self.stream)
 
     def close(self) -> None:
-        if self.stream is not sys.stdout:
-            self.stream.close()
+        if self.stream is sys.stdout:
+            return
+        try:
+            self.stream.close()  # also drops the lock
+        except OSError:
+            if not self.failed:
+                raise
+
+
+def _same_terminal() -> bool:
+    """Records on stdout and the progress bar on stderr share one screen."""
+    try:
+        return sys.stdout.isatty() and err.is_terminal and os.path.samestat(
+            os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
 
 
 class RateColumn(ProgressColumn):
@@ -192,10 +304,12 @@ def caption(
         "Describe this image in one or two sentences.",
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     glob: Annotated[str | None, typer.Option(
-        help="Only files matching this pattern, e.g. '*.jpg' (default: image suffixes).")
+        help="Only files matching this pattern, any case, e.g. '*.jpg' (default: image "
+             "suffixes).")
     ] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", "-f", help="jsonl, csv, or txt (a sidecar photo.txt per image).")] = "jsonl",
+        "--format", "-f", help="jsonl, csv, or txt (a sidecar photo.txt per image; "
+        "photo.jpg.txt where two images share a name).")] = "jsonl",
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write jsonl/csv records here instead of stdout.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip images already recorded.")] = False,
@@ -210,6 +324,7 @@ def caption(
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,
     context: ContextOpt = DEFAULT_CONTEXT,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Caption every image in folders or files; one record per image."""
     if fmt not in ("jsonl", "csv", "txt"):
@@ -219,26 +334,35 @@ def caption(
     if output is not None and fmt == "txt":
         raise typer.BadParameter("--format txt writes sidecars next to the images; drop -o")
     with user_errors():
+        from pixlocal.errors import PixlocalError
         files = collect(inputs, glob, skip_txt=fmt == "txt")
-        sink = Sink(fmt, output, resume, overwrite)
+        if not files:
+            where = ", ".join(str(p) for p in inputs)
+            raise PixlocalError(f"no images found in {where}" +
+                                (f" matching {glob!r}" if glob else ""))
+        sink = Sink(fmt, output, resume, overwrite, files)
         try:
+            for group in sink.clashes:
+                err.print(f"note: {' and '.join(p.name for p in group)} in {group[0].parent} "
+                          f"share a name: their captions go to "
+                          f"{', '.join(p.name + '.txt' for p in group)}",
+                          style="yellow", markup=False, soft_wrap=True)
             todo = [p for p in files if not (resume and sink.already(p))]
             if fmt == "txt" and not (resume or overwrite):
                 clash = [p for p in todo if sink.already(p)]
                 if clash:
                     raise typer.BadParameter(
                         f"{len(clash)} image(s) already have a .txt sidecar (e.g. "
-                        f"{clash[0].with_suffix('.txt')}): pass --resume or --overwrite")
+                        f"{sink.sidecar(clash[0])}): pass --resume or --overwrite")
             skipped = len(files) - len(todo)
             if not todo:
-                err.print(f"nothing to do: {len(files)} image(s), all already captioned"
-                          if files else "no images found")
+                err.print(f"nothing to do: {len(files)} image(s), all already captioned")
                 return
             m, load_s, label = load_model(model, device=device, dtype=dtype,
                                           max_image_size=max_image_size, gpu_layers=gpu_layers,
-                                          max_vram=max_vram, context=context)
-            err.print(f"[dim]{label} loaded in {load_s:.1f} s · {len(todo)} image(s)"
-                      + (f", {skipped} already done" if skipped else "") + "[/dim]")
+                                          max_vram=max_vram, context=context, threads=threads)
+            err.print(f"{escape(label)} loaded in {load_s:.1f} s · {len(todo)} image(s)"
+                      + (f", {skipped} already done" if skipped else ""), style="dim")
             _run(m, todo, sink, prompt, system, skipped,
                  dict(max_tokens=max_tokens, temperature=temperature, seed=seed))
         finally:
@@ -266,6 +390,8 @@ def _run(m: Pixtral, todo: list[Path], sink: Sink, prompt: str, system: str | No
                TimeRemainingColumn())
     try:
         with Progress(*columns, console=err, transient=False) as progress:
+            if sink.out is None and sink.fmt != "txt" and _same_terminal():
+                sink.console = progress.console  # records print above the bar, not into it
             task = progress.add_task("captioning", total=len(todo))
             fill()
             while queue:
@@ -274,9 +400,11 @@ def _run(m: Pixtral, todo: list[Path], sink: Sink, prompt: str, system: str | No
                 t1 = time.perf_counter()
                 try:
                     enc = fut.result()
-                    steps = list(m.stream_encoded(enc, **gen))
+                    room = context_room(m, len(enc.tokens))
+                    steps = list(m.stream_encoded(  # stops at the context's end
+                        enc, **{**gen, "max_tokens": min(gen["max_tokens"], max(room, 1))}))
                     rec: dict[str, Any] = {
-                        "path": str(p), "caption": "".join(s.text for s in steps).strip(),
+                        "path": _record_path(p), "caption": "".join(s.text for s in steps).strip(),
                         "tokens": len(steps), "seconds": round(time.perf_counter() - t1, 3)}
                     done += 1
                 except KeyboardInterrupt:
@@ -284,10 +412,9 @@ def _run(m: Pixtral, todo: list[Path], sink: Sink, prompt: str, system: str | No
                 except Exception as e:  # one bad image must not stop a run
                     if not isinstance(e, PixlocalError) and fut.exception() is None:
                         raise  # a failure in generation itself is a bug, not a bad image
-                    rec = {"path": str(p), "error": _error_text(p, e)}
+                    rec = {"path": _record_path(p), "error": _error_text(p, e)}
                     failed += 1
-                    progress.console.print(f"[red]error:[/red] {rec['error']}", soft_wrap=True,
-                                           markup=True, highlight=False)
+                    error_line(rec["error"])  # err is the progress console: above the bar
                 sink.write(rec, p)
                 progress.advance(task)
     except KeyboardInterrupt:
@@ -295,6 +422,9 @@ def _run(m: Pixtral, todo: list[Path], sink: Sink, prompt: str, system: str | No
         err.print(f"[yellow]interrupted[/yellow] after {done} captioned, {failed} failed; "
                   "what is recorded is kept: rerun with --resume to finish")
         raise typer.Exit(130) from None
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     pool.shutdown(wait=True)
     secs = time.perf_counter() - t0
     err.print(f"captioned {done}, failed {failed}" + (f", skipped {skipped}" if skipped else "")

@@ -20,6 +20,8 @@ from pixlocal.config import DEFAULT_CONTEXT
 if TYPE_CHECKING:
     from pixlocal.generate import Pixtral, Step
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic",
+                  ".heif", ".avif", ".jxl"}  # the last four are reported when unsupported
 UNWRAPPED = 1_000_000  # columns of a console that is not a terminal: nothing is hard-wrapped
 
 
@@ -42,9 +44,9 @@ class Term(Console):
 err = Term(stderr=True, highlight=False)  # status, progress, errors: the answers' stdout stays clean
 
 
-def out() -> Term:
+def out(markup: bool = True) -> Term:
     """A console on stdout as it is now (CliRunner swaps sys.stdout per call)."""
-    return Term(highlight=False, soft_wrap=True)
+    return Term(highlight=False, soft_wrap=True, markup=markup)
 
 
 def error_line(msg: object) -> None:
@@ -140,6 +142,13 @@ def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int 
         m = pixlocal.load(r.path, device=device, dtype=dtype, max_image_size=max_image_size,
                           **kw)
     return m, time.perf_counter() - t0, r.label
+
+
+def context_room(m: Pixtral, n_prompt: int) -> int:
+    """Tokens left after an n_prompt-token prompt in the context the loaded model holds: a
+    --max-tokens beyond it stops at the context's end (finish reason "length")."""
+    limit = min(m.args.max_seq_len, getattr(m, "context_len", m.args.max_seq_len))
+    return limit - n_prompt
 
 
 def stats_line(last: Step | None, n_tokens: int, load_s: float | None = None) -> str:

@@ -13,6 +13,7 @@ from pixlocal.config import DEFAULT_CONTEXT
 from pixlocal.units import human_bytes
 
 from .common import check_device, err, user_errors
+from .common import out as out_console
 
 _FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
           "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16",
@@ -137,9 +138,8 @@ def doctor(
         import json
         typer.echo(json.dumps(info, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
-    out = Console(highlight=False, soft_wrap=True)
+    out = out_console(markup=False)  # versions, CPU names, the plan: printed as they are
     for k, v in info["versions"].items():
         out.print(f"{k:>20}  {v}")
     c = info["cpu"]

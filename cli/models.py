@@ -15,14 +15,15 @@ from rich.table import Table
 
 from pixlocal.units import human_bytes as human
 
-from .common import err, user_errors
+from .common import err, escape, user_errors
+from .common import out as out_console
 
 if TYPE_CHECKING:
     from pixlocal.hub import PullEvent
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)  # stdout as it is now (CliRunner swaps it)
+    return out_console()  # stdout as it is now; unwrapped when it is not a terminal
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -49,16 +50,17 @@ def models_cmd(
             return
         t = Table(box=None, pad_edge=False)
         for col in ("NAME", "ALIASES", "VARIANT", "STATUS", "SIZE", "PATH"):
-            t.add_column(col, no_wrap=col != "PATH", overflow="fold")
+            t.add_column(col, no_wrap=col != "PATH" or not sys.stdout.isatty(),
+                         overflow="fold")
         for r in rows:
-            t.add_row(f"{r['name']}:{r['variant']}" + (" *" if r["default"] else ""),
-                      ", ".join(r["aliases"]), r["quant"] or "original",
+            t.add_row(escape(f"{r['name']}:{r['variant']}" + (" *" if r["default"] else "")),
+                      escape(", ".join(r["aliases"])), escape(r["quant"] or "original"),
                       "[green]downloaded[/green]" if r["downloaded"] else "[dim]-[/dim]",
                       human(r["size"]) if r["size"] is not None else "",
-                      r["path"])
+                      escape(r["path"]))
         _out().print(t)
-        err.print(f"[dim]* default · registry {reg.path} · home {home()} · "
-                  "get one with `pixlocal pull NAME`[/dim]", soft_wrap=True)
+        err.print(f"* default · registry {reg.path} · home {home()} · "
+                  "get one with `pixlocal pull NAME`", style="dim", markup=False, soft_wrap=True)
 
 
 # ---- pull --------------------------------------------------------------------------------
@@ -89,7 +91,8 @@ class _PullView:
             return
         self.close()
         if ev.what == "file":
-            err.print(f"[dim]{ev.repo}: {ev.name} ({ev.index}/{ev.count})[/dim]")
+            err.print(f"{ev.repo}: {ev.name} ({ev.index}/{ev.count})", style="dim",
+                      markup=False)
             self.bar = Progress(TextColumn("  {task.description}"), BarColumn(),
                                 TaskProgressColumn(), DownloadColumn(), TransferSpeedColumn(),
                                 TimeRemainingColumn(), console=err)
@@ -97,11 +100,11 @@ class _PullView:
             self.bar.start()
         from pixlocal.registry import dir_size
         if ev.what == "downloaded" and ev.path is not None:
-            err.print(f"[green]downloaded[/green] {ev.repo} → {ev.path} "
+            err.print(f"[green]downloaded[/green] {escape(f'{ev.repo} → {ev.path}')} "
                       f"({human(dir_size(ev.path))})")
         elif ev.what == "present" and ev.path is not None:
-            err.print(f"[dim]{ev.path} is already there; `pixlocal rm {ev.name}` to redo "
-                      "it[/dim]")
+            err.print(f"{ev.path} is already there; `pixlocal rm {ev.name}` to redo it",
+                      style="dim", markup=False)
 
 
 def _quantize_with_bar(src: Path, out: Path, bits: int) -> None:
@@ -116,7 +119,8 @@ def _quantize_with_bar(src: Path, out: Path, bits: int) -> None:
         task = bar.add_task("quantize", total=None)
         quantize_checkpoint(src, out, bits=bits, progress=lambda done, total: bar.update(
             task, completed=done, total=total))
-    err.print(f"[green]quantized[/green] {out} ({human(dir_size(out))})")
+    from pixlocal.registry import dir_size
+    err.print(f"[green]quantized[/green] {escape(str(out))} ({human(dir_size(out))})")
 
 
 def pull(
@@ -230,11 +234,12 @@ def rm(
             size = human(dir_size(v.path))
             if not yes:
                 try:
-                    ans = err.input(f"remove {spec.name}:{v.name} at {v.path} ({size})? [y/N] ")
+                    ans = err.input(escape(f"remove {spec.name}:{v.name} at {v.path} ({size})? "
+                                           "[y/N] "))
                 except EOFError:
                     ans = ""
                 if ans.strip().lower() not in ("y", "yes"):
                     err.print("kept")
                     continue
             shutil.rmtree(v.path)
-            err.print(f"removed {spec.name}:{v.name} ({size} freed)")
+            err.print(f"removed {spec.name}:{v.name} ({size} freed)", markup=False)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import err, user_errors
+from .common import err, escape, user_errors
 
 
 def _human(n: float) -> str:
@@ -37,7 +38,8 @@ def _progress_bar(label: str):
         TransferSpeedColumn,
     )
     return Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=err, transient=True)
+                    TimeRemainingColumn(), console=err, transient=True,
+                    disable=not err.is_terminal)  # off a terminal it would leave a blank line
 
 
 def quantize(
@@ -60,16 +62,29 @@ def quantize(
     """Quantize a checkpoint: decoder linears int4 (or int8), embeddings and output head int8,
     vision bf16, norms as stored. Progress on stderr; the output dir is printed on stdout."""
     with user_errors():
+        from pixlocal.errors import PixlocalError
         from pixlocal.quant import quantize_checkpoint
         from rich.table import Table
 
-        with _progress_bar("quantizing") as bar:
-            task = bar.add_task("quantize", total=None)
-            rep = quantize_checkpoint(
-                src, out, bits=bits, group_size=group_size,
-                overrides=tuple(overrides or ()), shard_bytes=shard_mb * 1_000_000,
-                progress=lambda done, total: bar.update(task, completed=done, total=total))
-        table = Table(title=f"{rep.out}  ({rep.scheme} default)", title_justify="left")
+        parent = out.absolute().parent
+        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+            raise PixlocalError(f"{out}: cannot create it: {parent} is not a writable "
+                                "directory")
+
+        try:
+            with _progress_bar("quantizing") as bar:
+                task = bar.add_task("quantize", total=None)
+                rep = quantize_checkpoint(
+                    src, out, bits=bits, group_size=group_size,
+                    overrides=tuple(overrides or ()), shard_bytes=shard_mb * 1_000_000,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except OSError as e:  # the output could not be written: name OUT, not a temp file
+            if e.errno is None or not str(e.filename or "").startswith(str(out)):
+                raise
+            raise PixlocalError(f"{out}: cannot write the quantized model ({e.strerror})"
+                                ) from None
+        table = Table(title=escape(f"{rep.out}  ({rep.scheme} default)"),
+                      title_justify="left")
         for col in ("kind", "tensors", "scheme", "bits/weight", "size", "rel RMS error"):
             table.add_column(col, justify="left" if col in ("kind", "scheme") else "right")
         for r in rep.by_kind():
