@@ -21,6 +21,7 @@ import torch
 
 from .config import PixtralArgs
 from .errors import FormatError, ModelNotFound
+from .integrity import check_once
 from .qformat import FORMAT_NAME, QTensor, read_metadata
 from .shards import SafetensorsFile
 
@@ -186,7 +187,7 @@ def _index_files(model_dir: Path, index: Path) -> list[Path]:
 
 def read_quant_index(model_dir: Path) -> dict:
     """The index of a quantized dir, checked: metadata (format, format_version), every shard
-    present with the size the index records. Checksums are `pixlocal verify`'s job."""
+    present with the size the index records. Checksums: integrity.check_once, at open."""
     index = model_dir / QUANT_INDEX
     try:
         d = json.loads(index.read_text())
@@ -218,6 +219,7 @@ def read_quant_index(model_dir: Path) -> dict:
 
 def _open_quantized(model_dir: Path, args: PixtralArgs) -> Checkpoint:
     d = read_quant_index(model_dir)
+    check_once(model_dir, d["shards"])  # sha256, on the first load of these files only
     files = [SafetensorsFile(model_dir / n) for n in sorted(d["shards"])]
     for f in files:
         read_metadata(f.metadata, str(f.path))

@@ -28,3 +28,13 @@ class ContextOverflow(PixlocalError):
 
 class PromptError(PixlocalError):
     """Messages that are not of the accepted shape."""
+
+
+class NonFiniteLogits(PixlocalError):
+    """The model computed NaN or infinite logits: corrupt weights, most likely."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "the model produced NaN/infinite logits" + (f" {detail}" if detail else "") +
+            ": its weights are likely corrupt (NaN or damaged shards); check them with "
+            "`pixlocal verify MODEL`, then re-quantize or re-download")
