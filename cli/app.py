@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from typer.core import TyperGroup
 
 try:  # typer >= 0.22 parses with its own copy of click; older typers with click itself
@@ -24,7 +25,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as cx  # type: ignore[no-redef]
 
 from . import ask, bench, caption, chat, doctor, models, quantize
-from .common import err, escape, is_broken_pipe
+from .common import err, error_line, escape, is_broken_pipe
 
 
 def _take_debug(args: list[str]) -> list[str]:
@@ -56,18 +57,30 @@ def _usage_line(e: cx.ClickException) -> str:
     return msg
 
 
+def _pipe_closed(e: OSError) -> None:
+    """stdout's reader hung up: end quietly, status 0 (raises typer.Exit)."""
+    if is_broken_pipe(e):
+        _quiet_stdout()
+        raise typer.Exit(0) from None
+
+
 class Group(TyperGroup):
     """typer's group, with `--debug` after the command too, one-line usage errors, and a
     quiet exit when stdout's reader hangs up."""
+
+    def make_context(self, *args: Any, **kw: Any) -> Any:  # --help, --version print here
+        try:
+            return super().make_context(*args, **kw)
+        except OSError as e:
+            _pipe_closed(e)
+            raise
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except OSError as e:
-            if not is_broken_pipe(e):
-                raise
-            _quiet_stdout()
-            raise typer.Exit(0) from None
+            _pipe_closed(e)
+            raise
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any
@@ -86,6 +99,13 @@ class Group(TyperGroup):
         except typer.Abort:
             err.print("[yellow]interrupted[/yellow]")
             sys.exit(130)
+        except OSError as e:  # stdout on a full disk, outside any command's user_errors
+            if e.errno is None:
+                raise
+            if os.environ.get("PIXLOCAL_DEBUG"):
+                err.print_exception()
+            error_line(f"{e.filename or 'stdout'}: {e.strerror or e}")
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -131,18 +151,31 @@ app.command()(bench.bench)
 app.command()(doctor.doctor)
 
 
+def _rich_broken_pipe(self: Console) -> None:
+    """rich's own handler exits 1 when a reader hangs up; the reader leaving is not an
+    error (`pixlocal --help | head -1`)."""
+    self.quiet = True
+    _quiet_stdout()
+    raise SystemExit(0)
+
+
 def main() -> None:
+    Console.on_broken_pipe = _rich_broken_pipe  # type: ignore[method-assign]
+    code: int | str | None = 0
     try:
         app()
     except SystemExit as e:
-        try:
-            sys.stdout.flush()
-        except OSError as f:  # the last buffered answer met a closed pipe
-            if not is_broken_pipe(f):
-                raise
-            _quiet_stdout()
-            raise SystemExit(0) from None
-        raise e from None
+        code = e.code
+    try:
+        sys.stdout.flush()  # the last of the answer, while we can still report it
+    except OSError as e:
+        _quiet_stdout()  # nothing more can reach the reader: the exit-time flush must not fail
+        if is_broken_pipe(e):
+            code = 0  # the reader hung up (`| head`): not an error
+        elif code in (0, None):
+            error_line(f"stdout: {e.strerror or e}")
+            code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

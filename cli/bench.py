@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import sys
@@ -19,6 +18,7 @@ from .common import (
     DeviceOpt,
     GpuLayersOpt,
     MaxVramOpt,
+    ThreadsOpt,
     placement_kw,
 )
 
@@ -107,7 +107,7 @@ def bench(
                                        help="Tokens to decode.")] = 128,
     image: Annotated[str | None, typer.Option(
         help="Prefill a chat with this image instead of -p random tokens.")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    threads: ThreadsOpt = None,
     reps: Annotated[int, typer.Option("-r", "--reps", min=1, help="Repetitions.")] = 3,
     max_image_size: Annotated[int | None, typer.Option(help="Longest image side.")] = None,
     device: DeviceOpt = "auto",
@@ -119,12 +119,10 @@ def bench(
 ) -> None:
     """Measure load time, JIT warm-up, prefill and decode speed, bandwidth and peak RSS."""
     with user_errors():
-        if threads:
-            os.environ["PIXLOCAL_THREADS"] = str(threads)
-            import torch
-            torch.set_num_threads(threads)
         from pixlocal.registry import resolve
         kw = placement_kw(gpu_layers, max_vram, context)
+        if threads is not None:
+            kw["threads"] = threads
         model_dir = resolve(model).path
         with err.status("benchmarking …"):
             r = run_bench(str(model_dir), n_prompt=n_prompt, n_gen=n_gen, image=image,

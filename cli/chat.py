@@ -27,6 +27,7 @@ from .common import (
     MaxImageOpt,
     MaxVramOpt,
     ModelOpt,
+    ThreadsOpt,
     load_model,
     stats_line,
 )
@@ -254,6 +255,7 @@ def chat(
     gpu_layers: GpuLayersOpt = "auto",
     max_vram: MaxVramOpt = None,
     context: ContextOpt = DEFAULT_CONTEXT,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Chat about images in a streaming REPL (/help lists its commands)."""
     with user_errors():
@@ -263,7 +265,7 @@ def chat(
         first = [(s, load_image(s)) for s in images or []]
         m, load_s, label = load_model(model, device=device, dtype=dtype,
                                       max_image_size=max_image_size, gpu_layers=gpu_layers,
-                                      max_vram=max_vram, context=context)
+                                      max_vram=max_vram, context=context, threads=threads)
         repl = Repl(m, label, system, dict(max_tokens=max_tokens, temperature=temperature,
                                            top_p=top_p, top_k=top_k, seed=seed))
         repl.pending = first
