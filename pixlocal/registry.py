@@ -1,7 +1,8 @@
 """models.toml -> ModelSpec; `--model` values (path, name, alias, name:variant) -> a directory.
 
 Model names live only in models.toml. Downloaded models live under PIXLOCAL_HOME
-(default: $XDG_CACHE_HOME/pixlocal, i.e. ~/.cache/pixlocal). PIXLOCAL_MODELS_TOML may point
+(default: $XDG_CACHE_HOME/pixlocal, i.e. ~/.cache/pixlocal). The registry ships as package
+data (pixlocal/models.toml, from the repo root's models.toml); PIXLOCAL_MODELS_TOML may point
 at another registry file (tests do this). Quantization facts come from shard metadata; a
 variant's `quant` field is only checked against it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,17 @@ import tomllib
 from .errors import ConfigError, FormatError, ModelNotFound
 from .shards import SafetensorsFile
 
-BUNDLED_TOML = Path(__file__).resolve().parent.parent / "models.toml"
+
+def _bundled_toml() -> Path:
+    """The registry shipped with pixlocal: package data in an installed wheel (setup.py copies
+    the repo's models.toml there), the repo root's models.toml in a source checkout."""
+    shipped = resources.files("pixlocal") / "models.toml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    return Path(__file__).resolve().parent.parent / "models.toml"
+
+
+BUNDLED_TOML = _bundled_toml()
 
 
 def home() -> Path:
