@@ -15,6 +15,7 @@ from pixlocal.units import human_bytes
 from .common import check_device, err, user_errors
 from .common import out as out_console
 
+_CPU_KERNELS = {"cpu": "numba GEMV / dequant tile + GEMM"}  # what each backend runs, by name
 _FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
           "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16",
           "amx_int8": "AMX-INT8"}
@@ -49,9 +50,8 @@ def kernel_table(cap: tuple[int, int] | None, cuda: bool) -> list[tuple[str, str
     from pixlocal import kernels
     from pixlocal.kernels import cuda as ck
 
-    cpu = kernels.default_backend("cpu")
-    cpu_q = ("cpu: numba GEMV / dequant tile + GEMM" if cpu == "cpu"
-             else f"{cpu}: torch dequantize + matmul")
+    name = kernels.default_backend("cpu")
+    cpu_q = f"{name}: {_CPU_KERNELS.get(name, 'torch dequantize + matmul')}"
 
     def gpu(bits: int, shape: tuple[int, int]) -> str:
         if not cuda:
