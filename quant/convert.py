@@ -34,6 +34,7 @@ from pixlocal.checkpoint import (
 )
 from pixlocal.config import read_args
 from pixlocal.errors import FormatError, ModelNotFound, PixlocalError
+from pixlocal.integrity import sha256_file
 from pixlocal.qformat import (
     F16_NORMAL,
     FORMAT_VERSION,
@@ -48,7 +49,6 @@ from pixlocal.quantizer import quantize
 from pixlocal.shards import StreamingWriter
 
 from .recipe import Recipe, Target, describe, kind_of
-from .verify import sha256_file
 
 SHARD_BYTES = 2_000_000_000
 _CHUNK_WEIGHTS = 1 << 24  # weights read, quantized and written at once (32 MB of bf16)
