@@ -46,7 +46,7 @@ def _read_store() -> dict[str, list]:
         return {}
 
 
-def _stamp(p: Path, sha256: str) -> list:
+def stamp(p: Path, sha256: str) -> list:
     st = p.stat()
     return [st.st_size, st.st_mtime_ns, sha256]
 
@@ -56,7 +56,7 @@ def unverified(model_dir: Path, shards: dict[str, dict]) -> list[str]:
     in their current state (size, mtime and recorded checksum)."""
     known = _read_store()
     return [n for n, s in sorted(shards.items())
-            if known.get(str((model_dir / n).resolve())) != _stamp(model_dir / n,
+            if known.get(str((model_dir / n).resolve())) != stamp(model_dir / n,
                                                                    str(s.get("sha256")))]
 
 
@@ -82,13 +82,13 @@ def verify_shards(model_dir: Path, shards: dict[str, dict], progress: Progress |
                     f"{p}: sha256 {got[:16]}… does not match the index's {want[:16]}…: the "
                     f"file is corrupt; re-quantize or re-download it (`pixlocal verify "
                     f"{model_dir}` checks the whole model)")
-            ok[str(p.resolve())] = _stamp(p, want)
+            ok[str(p.resolve())] = stamp(p, want)
     finally:
         if ok:
-            _remember(ok)
+            remember(ok)
 
 
-def _remember(entries: dict[str, list]) -> None:
+def remember(entries: dict[str, list]) -> None:
     path = _store()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

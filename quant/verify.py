@@ -8,13 +8,13 @@ index's weight_map against the shards' actual contents.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pixlocal.checkpoint import QUANT_INDEX, read_quant_index
 from pixlocal.errors import FormatError, ModelNotFound
+from pixlocal.integrity import remember, stamp, sha256_file
 from pixlocal.loader import load_model
 from pixlocal.qformat import read_metadata
 from pixlocal.shards import SafetensorsFile
@@ -27,17 +27,6 @@ class VerifyResult:
     shards: int
     tensors: int
     bytes: int  # shard bytes
-
-
-def sha256_file(path: Path, tick: Callable[[int], None] | None = None) -> str:
-    """Hex sha256 of a file read in 16 MiB blocks; `tick(bytes)` after each block."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-            if tick is not None:
-                tick(len(block))
-    return h.hexdigest()
 
 
 def verify_dir(path: str | Path, progress: Callable[[int, int], None] | None = None
@@ -71,6 +60,7 @@ def verify_dir(path: str | Path, progress: Callable[[int, int], None] | None = N
         if got != want:
             raise FormatError(f"{p}: sha256 {got[:16]}… does not match {QUANT_INDEX} "
                               f"({str(want)[:16]}…): corrupt; re-quantize or re-download")
+        remember({str(p.resolve()): stamp(p, str(want))})  # later loads need not hash it
     if stored != index["weight_map"]:
         diff = sorted(set(stored.items()) ^ set(index["weight_map"].items()))
         raise FormatError(f"{d / QUANT_INDEX}: weight_map disagrees with the shards about "
