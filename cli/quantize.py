@@ -9,15 +9,9 @@ from typing import Annotated
 
 import typer
 
+from pixlocal.units import human_bytes as _human
+
 from .common import err, escape, user_errors
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
 
 
 def _choice(*allowed: int):
