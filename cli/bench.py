@@ -23,22 +23,6 @@ from .common import (
 )
 
 
-def decode_bytes_per_token(model: Any) -> int:
-    """Bytes of weights one decode step reads: every decoder layer, the final norm and the
-    output head (the vision tower and the embedding table are not touched; one embedding row
-    is negligible)."""
-    seen: set[int] = set()
-    total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith(("vision_encoder.", "vision_language_adapter.", "tok_embeddings.")):
-            continue
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
-
-
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
@@ -50,6 +34,7 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
     import torch
 
     import pixlocal
+    from pixlocal.memory import decode_bytes_per_token
     from pixlocal.prompt import Encoded
 
     t0 = time.perf_counter()
