@@ -22,7 +22,7 @@ import torch
 from .config import PixtralArgs
 from .errors import FormatError, ModelNotFound
 from .integrity import check_once
-from .qformat import FORMAT_NAME, QTensor, read_metadata
+from .qformat import FORMAT_NAME, SUFFIXES, QTensor, read_metadata
 from .shards import SafetensorsFile
 
 QUANT_INDEX = "quantized.index.json"
@@ -165,7 +165,7 @@ class Checkpoint:
     def qtensor(self, module: str) -> QTensor:
         """The quantized weight of `module`, zero-copy views of the mapped shard."""
         parts = {f"{module}.{p}": self.get(f"{module}.{p}")
-                 for p in ("qweight", "scales", "zeros") if f"{module}.{p}" in self}
+                 for p in SUFFIXES if f"{module}.{p}" in self}
         try:
             return QTensor.from_tensors(module, parts)
         except FormatError as e:
