@@ -160,7 +160,9 @@ class Sink:
             out.parent.mkdir(parents=True, exist_ok=True)
             self.stream = open(out, "a", encoding="utf-8", newline="")  # truncated once locked
         except OSError as e:
-            raise PixlocalError(f"{out}: cannot write ({e.strerror or e})") from None
+            why = (f"{out.parent} is not a directory" if out.parent.exists() and
+                   not out.parent.is_dir() else e.strerror or str(e))
+            raise PixlocalError(f"{out}: cannot write ({why})") from None
         self._lock(out)
         if exists and resume:
             self._load_done(out)

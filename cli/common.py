@@ -27,12 +27,12 @@ UNWRAPPED = 1_000_000  # columns of a console that is not a terminal: nothing is
 
 class Term(Console):
     """A rich Console that hard-wraps only on a terminal: into a pipe or a file every line
-    stays whole (rich would otherwise take another stream's terminal width, or 80)."""
+    stays whole (rich would otherwise take $COLUMNS, another stream's terminal width, or 80)."""
 
     @property
     def size(self) -> ConsoleDimensions:
         size = Console.size.fget(self)  # type: ignore[attr-defined]
-        if self._width is None and not self.is_terminal:
+        if not self.is_terminal:
             return ConsoleDimensions(UNWRAPPED, size.height)
         return size
 

@@ -456,18 +456,34 @@ def test_max_tokens_bounds_on_the_command_line(tmp_path, tiny_ckpt, sample_png):
         for bad in ("0", "-5", "many"):
             r = run.invoke(app, [*cmd, "-m", str(tiny_ckpt), "--max-tokens", bad])
             assert r.exit_code == 2 and r.stdout == "", (cmd, bad, r.stderr)
+    # beyond the context window: the answer stops at its end, finish reason "length"
+    small = tmp_path / "small"  # the tiny model with a 40-token context
+    small.mkdir()
+    params = json.loads((tiny_ckpt / "params.json").read_text())
+    (small / "params.json").write_text(json.dumps({**params, "max_seq_len": 40}))
+    for f in ("consolidated.safetensors", "tekken.json"):
+        (small / f).symlink_to(tiny_ckpt / f)
     huge = str(10**9)
-    r = run.invoke(app, ["ask", str(sample_png), "hi", "-m", str(tiny_ckpt), "--max-tokens", huge])
-    assert r.exit_code == 1 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and "context window" in r.stderr
-    # caption records the refusal per image and goes on: nothing is lost
+    r = run.invoke(app, ["ask", str(sample_png), "hi", "-m", str(small), "--max-tokens", huge,
+                         "--json"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["finish_reason"] == "length" and d["prompt_tokens"] + len(d["tokens"]) == 40
+    # caption does the same per image; a prompt that fills the context is recorded as an
+    # error for that image and the run goes on: nothing is lost
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(2):
         shutil.copy(sample_png, folder / f"{i}.png")
     out = tmp_path / "caps.jsonl"
-    r = run.invoke(app, ["caption", str(folder), "-o", str(out), "-m", str(tiny_ckpt),
-                         "--max-tokens", huge])
+    r = run.invoke(app, ["caption", str(folder), "-o", str(out), "-m", str(small),
+                         "--max-tokens", huge, "--prompt", "hi"])  # ask's prompt
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert r.exit_code == 0 and len(records) == 2, r.stderr
+    assert all(rec["tokens"] == 40 - d["prompt_tokens"] for rec in records), records
+    (small / "params.json").write_text(json.dumps({**params, "max_seq_len": 8}))
+    r = run.invoke(app, ["caption", str(folder), "-o", str(out), "-m", str(small),
+                         "--overwrite"])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert r.exit_code == 1 and len(records) == 2
     assert all("context window" in rec["error"] for rec in records)
