@@ -216,21 +216,40 @@ def test_every_block_variant_matches_ref(vnni, rows):
                 assert torch.equal(cpu.dequantize_rows(pq, 3, 19), dequantize(q)[3:19])
 
 
-def test_numba_cache_keys_cover_the_sources_they_embed():
-    """numba keys a cached function on its own file; cpu.py's kernels embed llir.py's loops and
-    cpu_decode's layer embeds cpu.py's and cpu_attn.py's kernels. Each holds a digest of
-    those files, so changing them changes it, and its cache is rebuilt (else a stale one
-    runs)."""
-    import hashlib
-    from pathlib import Path
+def test_numba_cache_is_keyed_on_every_kernel_source(tmp_path, monkeypatch):
+    """numba keys a cached function on its own file, yet cpu.py's kernels embed llir.py's
+    loops and cpu_decode's layer embeds cpu.py's and cpu_attn.py's kernels: the cache
+    directory is named by a digest of all kernel sources (jit.py), so editing any of them
+    starts a fresh cache instead of running a stale one."""
+    import shutil
 
-    from pixlocal.kernels import cpu_decode
+    import numba
 
-    here = Path(cpu.__file__).parent
-    for mod, deps in ((cpu, ["llir.py"]), (cpu_decode, ["cpu.py", "cpu_attn.py", "llir.py"])):
-        h = hashlib.sha256()
-        for name in deps:
-            h.update((here / name).read_bytes())
-        assert mod._SOURCES == h.hexdigest()[:16], (
-            f"{Path(mod.__file__).name}: set _SOURCES = \"{h.hexdigest()[:16]}\" (digest of "
-            f"{', '.join(deps)})")
+    from pixlocal.kernels import jit
+
+    assert numba.config.CACHE_DIR == str(jit.cache_dir())
+    assert jit.cache_dir().name == jit.sources_digest()
+    copy = tmp_path / "kernels"
+    shutil.copytree(jit.HERE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(jit, "HERE", copy)
+    before = jit.sources_digest()
+    (copy / "llir.py").write_text((copy / "llir.py").read_text() + "\n# edited\n")
+    assert jit.sources_digest() != before
+
+
+def test_uncompiled_kernels_are_known_before_the_first_call(tmp_path):
+    """What the CLI announces as "compiling CPU kernels": a fresh cache lists the kernel;
+    once called it is compiled, and a new process finds it in the disk cache."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pixlocal.kernels import cpu, jit; from pixlocal.qformat "
+            "import QuantSpec; from pixlocal.quantizer import quantize; "
+            "print('_gemv' in jit.uncompiled()); "
+            "q = cpu.prepare(quantize(torch.randn(32, 64), QuantSpec(4, 32))); "
+            "cpu.gemv(torch.randn(1, 64), q); print('_gemv' in jit.uncompiled())")
+    env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    assert [r.stdout.split() for r in runs] == [["True", "False"], ["False", "False"]], \
+        runs[0].stderr[-2000:] + runs[1].stderr[-2000:]

@@ -74,9 +74,7 @@ def set_threads(n: int | None = None) -> int:
     return apply_threads(requested_threads(n) or usable_cores())
 
 # ---- LLVM IR inner loops (llir.py) ---------------------------------------------------------
-# numba's cache is keyed on this file alone, yet the kernels embed llir.py's loops: its
-# digest here (tests/test_kernels.py checks it) changes this file whenever llir.py changes.
-_SOURCES = "99f7da3c381e42fe"
+# The kernels embed llir.py's loops: jit.py keys numba's cache on every kernel source.
 
 
 def _block(bits: int, T: int, vnni: bool = VNNI, rows: int = ROWS):  # noqa: ANN202

@@ -20,10 +20,8 @@ from .cpu import _gemv
 from .cpu_attn import PARALLEL_MIN, _attend, _attend_par, _np16
 from .cpu_layout import CpuQ
 
-# numba's cache is keyed on this file alone, yet _layer's machine code embeds the kernels of
-# cpu.py, cpu_attn.py and llir.py: their digest here (tests/test_kernels.py checks it)
-# changes this file whenever they change.
-_SOURCES = "e14373d4e86788a7"
+# _layer's machine code embeds the kernels of cpu.py, cpu_attn.py and llir.py: jit.py keys
+# numba's cache on every kernel source, so a change to any of them recompiles it.
 
 # Shapes: D model dim · F hidden dim · H heads · Hkv kv heads · Dh head dim · S cached tokens
 

@@ -3,8 +3,7 @@ numba @intrinsic). Each function returns a codegen(context, builder, signature, 
 array and integer arguments. The decode loops come in three widths: AVX2 (256-bit, 8-row
 blocks), VNNI on 256 bits (AVX-VNNI or AVX512-VNNI, 8 rows) and VNNI on 512 bits (16 rows).
 
-numba's cache is keyed on cpu.py's contents, not this file's: cpu._SOURCES holds this
-file's digest (a test checks it), so editing this file means updating it there.
+numba's cache for the kernels that embed these loops is keyed on this file too (jit.py).
 """
 
 from __future__ import annotations
