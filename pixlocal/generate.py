@@ -1,17 +1,21 @@
-"""Generation: the Pixtral runner (load, encode, logits, stream), sampling, ChatSession.
+"""Generation in tiers (as mlx-lm): `sample` → `generate_step` → `stream` → `generate`, a
+prompt cache, the Pixtral runner (a thin facade) and ChatSession.
 
-The runner owns one KV cache and the token "keys" it holds. A new request is prefilled
-only from the first position where it differs from what the cache holds, so a chat turn
-costs its new tokens only. Keys compare text ids by id and image positions by (image
-content digest, patch index): two different images of one size give the same [IMG] ids.
+The prompt cache holds one KV cache and the token "keys" it holds. A new request is
+prefilled only from the first position where it differs from what the cache holds, so a
+chat turn costs its new tokens only. Keys compare text ids by id and image positions by
+(image content digest, patch index): two different images of one size give the same [IMG]
+ids. Every decode step runs inside the runner's thread policy (`threads.step()`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +24,19 @@ import torch
 
 from .checkpoint import Checkpoint, tokenizer_path
 from .config import DEFAULT_CONTEXT, PixtralArgs
-from .errors import ContextOverflow, PixlocalError
+from .errors import ContextOverflow, NonFiniteLogits, PixlocalError
+from .fastdecode import FastDecode
+from .kernels.backend import is_gpu
 from .kernels.threads import ThreadPolicy
-from .loader import load_model, parse_device, parse_dtype, prepare_quantized
+from .loader import Loaded
+from .loader import load as load_weights
+from .memory import kv_bytes_per_layer
 from .model import KVCache, PixtralModel
-from .placement import (
-    GpuLayers,
-    Plan,
-    apply,
-    checkpoint_bytes,
-    free_vram,
-    image_tokens,
-    kv_bytes_per_layer,
-    module_device,
-    plan,
-)
+from .placement import GpuLayers, Plan
 from .prompt import Encoded, PromptEncoder, StreamDecoder
 
 Key = int | tuple[bytes, int]
+Sampler = Callable[[torch.Tensor], int]
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,20 @@ class Step:
         return self.prefilled_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
+# ---- tier 1: sampling --------------------------------------------------------------------
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
            generator: torch.Generator | None) -> int:
-    """logits (V,) fp32 -> token id. temperature 0 is greedy (argmax)."""
+    """logits (V,) fp32 -> token id. temperature 0 is greedy (argmax). NonFiniteLogits
+    where the logits hold NaN or +inf (corrupt weights): argmax picks such a value, so
+    greedy checks only the chosen one."""
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        tok = int(torch.argmax(logits))
+        if not float(logits[tok]) < math.inf:
+            raise NonFiniteLogits()
+        return tok
+    if not bool((logits < math.inf).all()):  # False for NaN and +inf (-inf bans a token)
+        raise NonFiniteLogits()
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_k > 0:
         kth = torch.topk(probs, min(top_k, probs.numel())).values[-1]
@@ -78,29 +86,148 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None) -> Sampler:
+    """logits → token with these settings; unseeded sampling draws a seed from the OS."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    if temperature > 0 and gen is None:
+        gen = torch.Generator().manual_seed(int.from_bytes(np.random.bytes(8), "little") >> 1)
+    return lambda logits: sample(logits.float().cpu(), temperature, top_p, top_k, gen)
+
+
+# ---- tier 2: the decode loop -------------------------------------------------------------
+
+def generate_step(runner: Pixtral, logits: torch.Tensor, sampler: Sampler) -> Iterator[int]:
+    """Tokens sampled from `logits` (a prefill's, runner.prefill) and then from each sampled
+    token run through the runner's cache in turn. A token is run only when the next one is
+    asked for: the last token a caller takes is left for a next request to compute."""
+    while True:
+        tok = sampler(logits)
+        yield tok
+        logits = runner.decode(tok)
+
+
+# ---- tier 3 and 4: text ------------------------------------------------------------------
+
+def stream(runner: Pixtral, enc: Encoded, *, max_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[Step]:
+    """Generate from encoded tokens + images, reusing and keeping the runner's cache."""
+    runner.check_context(len(enc.tokens), max_tokens)
+    t0 = time.perf_counter()
+    sampler = make_sampler(temperature, top_p, top_k, seed)
+    if max_tokens == 0:
+        return
+    logits, computed = runner._prefill(enc)
+    prefill_s = time.perf_counter() - t0
+    detok = StreamDecoder(runner.encoder)
+    eos, n = runner.encoder.eos_id, len(enc.tokens)
+    tokens = generate_step(runner, logits, sampler)
+    for i, tok in enumerate(itertools.islice(tokens, max_tokens)):
+        if tok == eos:
+            yield Step(detok.flush(), tok, i, n, computed, prefill_s,
+                       time.perf_counter() - t0, "stop")
+            return
+        last = i == max_tokens - 1
+        text = detok.add(tok) + (detok.flush() if last else "")
+        yield Step(text, tok, i, n, computed, prefill_s, time.perf_counter() - t0,
+                   "length" if last else None)
+
+
+def generate(runner: Pixtral, enc: Encoded, **kw: Any) -> str:
+    return "".join(s.text for s in stream(runner, enc, **kw))
+
+
+# ---- the prompt cache --------------------------------------------------------------------
+
 def _digest(a: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest() + \
         str(a.shape).encode()
 
 
-class Pixtral:
-    """A loaded model with its tokenizer: `pixlocal.load(path)` returns one."""
+def keys_of(enc: Encoded, img_id: int, img_break_id: int) -> list[Key]:
+    """What each position of `enc` holds: its token id, or (image digest, patch index)."""
+    digests = iter([_digest(a) for a in enc.images])
+    keys: list[Key] = []
+    current, patch = b"", 0
+    for i, t in enumerate(enc.tokens):
+        if t == img_id:
+            if i == 0 or enc.tokens[i - 1] not in (img_id, img_break_id):
+                current, patch = next(digests), 0  # first [IMG] of a new image
+            keys.append((current, patch))
+            patch += 1
+        else:
+            keys.append(t)
+    return keys
 
-    def __init__(self, model: PixtralModel, encoder: PromptEncoder, path: Path,
-                 checkpoint: Checkpoint | None = None, threads: ThreadPolicy | None = None):
-        self.model, self.encoder, self.path = model, encoder, path
+
+class PromptCache:
+    """A KV cache (one buffer pair per layer, on the layer's device) and the keys of the
+    positions 0..len-1 it holds. It grows on demand up to `limit` tokens."""
+
+    def __init__(self, args: PixtralArgs, dtype: torch.dtype, devices: list[torch.device],
+                 limit: int) -> None:
+        self.args, self.dtype, self.devices, self.limit = args, dtype, devices, limit
+        self.kv: KVCache | None = None
+        self.keys: list[Key] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def reset(self) -> None:
+        """Forget the cached prefix (the cache memory stays allocated)."""
+        self.keys = []
+
+    def reusable(self, keys: list[Key]) -> int:
+        """Positions of `keys` the cache already holds: the common prefix, less the last
+        position (its logits are needed) and never ending inside an image block."""
+        keep = 0
+        for a, b in zip(self.keys, keys, strict=False):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(keys) - 1)
+        while keep > 0 and isinstance(keys[keep], tuple) and keys[keep][1] != 0:
+            keep -= 1
+        return keep
+
+    def ensure(self, needed: int) -> KVCache:
+        """The KV cache, allocated (or grown) to hold `needed` positions."""
+        a = self.args
+        if self.kv is None:
+            self.kv = KVCache(a.n_layers, a.n_kv_heads, a.head_dim,
+                              min(self.limit, max(needed, 512)), self.dtype, self.devices)
+        elif needed > self.kv.capacity:
+            self.kv.grow(min(self.limit, max(needed, 2 * self.kv.capacity)))
+        return self.kv
+
+
+# ---- the runner --------------------------------------------------------------------------
+
+class Pixtral:
+    """A loaded model with its tokenizer and prompt cache: `pixlocal.load(path)` returns one.
+    `context_len` (from the plan) bounds every request, with the model's own max_seq_len."""
+
+    def __init__(self, loaded: Loaded, encoder: PromptEncoder, path: Path,
+                 threads: ThreadPolicy | None = None):
+        self.model: PixtralModel = loaded.model
+        self.encoder, self.path = encoder, path
         self.threads = threads or ThreadPolicy()  # CPU threads per step (kernels/threads.py)
-        self.checkpoint = checkpoint
-        self.args: PixtralArgs = model.args
-        self.dtype: torch.dtype = getattr(model, "compute_dtype", next(model.parameters()).dtype)
-        self.device = module_device(model.tok_embeddings)  # where token ids go
-        self.vision_device = (module_device(model.vision_encoder)
-                              if model.args.vision_encoder is not None else self.device)
-        self.context_len = model.args.max_seq_len  # load() lowers it to the memory plan's
-        self.plan: Plan | None = None
-        self._cache: KVCache | None = None
-        self._keys: list[Key] = []  # what positions 0..len-1 of the cache hold
+        self.checkpoint: Checkpoint = loaded.checkpoint
+        self.plan: Plan = loaded.plan
+        self.args: PixtralArgs = loaded.model.args
+        self.dtype: torch.dtype = loaded.dtype
+        self.device = loaded.devices["embeddings"]  # where token ids go
+        self.vision_device = loaded.devices.get("vision", self.device)
+        self.context_len = loaded.context_len
+        self.fast_decode: FastDecode | None = loaded.fast_decode
+        self.layer_devices = [loaded.devices[f"layers.{i}"] for i in range(self.args.n_layers)]
+        self.cache = PromptCache(self.args, self.dtype, self.layer_devices, self.context_limit)
         self.images_encoded = 0  # images run through the vision encoder (for tests and stats)
+
+    @property
+    def context_limit(self) -> int:
+        """Most tokens (prompt + answer) a request may hold."""
+        return min(self.args.max_seq_len, self.context_len)
 
     # ---- one-shot API ------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]]) -> Encoded:
@@ -125,19 +252,22 @@ class Pixtral:
         self.images_encoded += len(images)
         return self.model.image_features(self._image_tensors(images)).float()
 
+    def _rows(self, images: list[np.ndarray]) -> torch.Tensor | None:
+        return self.image_features(images).to(self.device) if images else None
+
     @torch.inference_mode()
     def logits(self, tokens: list[int], images: list[np.ndarray]) -> torch.Tensor:
         """One full causal forward without cache: (len(tokens), vocab) fp32."""
-        self._check_context(len(tokens), 0)
-        rows = self.image_features(images) if images else None
+        self.check_context(len(tokens), 0)
         t = torch.tensor(tokens, device=self.device)
-        return self.model(self.model.embed(t, rows))
+        return self.model(self.model.embed(t, self._rows(images)))
 
-    # ---- generation ----------------------------------------------------------------------
-    def _check_context(self, n_prompt: int, max_tokens: int) -> None:
+    # ---- the cache -----------------------------------------------------------------------
+    def check_context(self, n_prompt: int, max_tokens: int) -> None:
+        """ContextOverflow unless n_prompt + max_tokens fit the context and the RAM."""
         if max_tokens < 0:
             raise PixlocalError(f"max_tokens must be >= 0, got {max_tokens}")
-        limit = min(self.args.max_seq_len, self.context_len)
+        limit = self.context_limit
         if n_prompt + max_tokens > limit:
             raise ContextOverflow(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) "
                                   f"exceeds the context window of {limit} tokens")
@@ -146,9 +276,10 @@ class Pixtral:
     def _check_kv_memory(self, tokens: int) -> None:
         # The CPU cache grows on demand; a request whose cache cannot fit in the RAM still free
         # is refused here, up front, instead of the OS killing the process mid-answer.
-        if self._cache is not None and tokens <= self._cache.capacity:
+        kv = self.cache.kv
+        if kv is not None and tokens <= kv.capacity:
             return  # allocated already
-        layers = sum(module_device(layer).type == "cpu" for layer in self.model.layers)
+        layers = sum(not is_gpu(d) for d in self.layer_devices)
         need = kv_bytes_per_layer(self.args, tokens, self.dtype.itemsize) * layers
         free = available_ram() if need else None
         if free is not None and need > free:
@@ -156,150 +287,189 @@ class Pixtral:
                                   f"{need / 2**30:.1f} GiB of RAM but {free / 2**30:.1f} GiB "
                                   "is available; lower max_tokens or shorten the prompt")
 
-    def _keys_of(self, enc: Encoded) -> list[Key]:
-        img_id = self.encoder.img_id
-        digests = iter([_digest(a) for a in enc.images])
-        keys: list[Key] = []
-        current, patch = b"", 0
-        for i, t in enumerate(enc.tokens):
-            if t == img_id:
-                if i == 0 or enc.tokens[i - 1] not in (img_id, self.encoder.img_break_id):
-                    current, patch = next(digests), 0  # first [IMG] of a new image
-                keys.append((current, patch))
-                patch += 1
-            else:
-                keys.append(t)
-        return keys
-
     def reset(self) -> None:
         """Forget the cached prefix (the cache memory stays allocated)."""
-        self._keys = []
-
-    def _ensure_cache(self, needed: int) -> KVCache:
-        a = self.args
-        if self._cache is None:
-            cap = min(a.max_seq_len, self.context_len, max(needed, 512))
-            self._cache = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, cap, self.dtype,
-                                  [module_device(layer) for layer in self.model.layers])
-        elif needed > self._cache.capacity:
-            self._cache.grow(min(a.max_seq_len, self.context_len,
-                                 max(needed, 2 * self._cache.capacity)))
-        return self._cache
+        self.cache.reset()
 
     @torch.inference_mode()
     def _prefill(self, enc: Encoded) -> tuple[torch.Tensor, int]:
         """Run the uncached suffix of enc; returns (last logits (V,), tokens computed)."""
-        keys = self._keys_of(enc)
-        keep = 0
-        for a, b in zip(self._keys, keys, strict=False):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(keys) - 1)  # always compute the last position's logits
-        while keep > 0 and isinstance(keys[keep], tuple) and keys[keep][1] != 0:
-            keep -= 1  # never start inside an image block
+        keys = keys_of(enc, self.encoder.img_id, self.encoder.img_break_id)
+        keep = self.cache.reusable(keys)
         # images whose first [IMG] lies at or after `keep` need encoding
         starts = [i for i, k in enumerate(keys) if isinstance(k, tuple) and k[1] == 0]
-        first_new = sum(1 for s in starts if s < keep)
-        new_images = enc.images[first_new:]
-        rows = self.image_features(new_images) if new_images else None
-        cache = self._ensure_cache(len(keys))
+        rows = self._rows(enc.images[sum(1 for s in starts if s < keep):])
+        kv = self.cache.ensure(len(keys))
         self.threads.use()
-        self._keys = keys[:keep]
-        t = torch.tensor(enc.tokens[keep:], device=self.device)
-        h = self.model.embed(t, rows)
-        logits = self.model(h, keep, cache, logits_from=h.shape[0] - 1)[-1]
-        self._keys = keys
+        self.cache.keys = keys[:keep]
+        h = self.model.embed(torch.tensor(enc.tokens[keep:], device=self.device), rows)
+        logits = self.model(h, keep, kv, logits_from=h.shape[0] - 1)[-1]
+        self.cache.keys = keys
         return logits, len(keys) - keep
 
     @torch.inference_mode()
-    def _decode_one(self, token: int, key: Key) -> torch.Tensor:
-        pos = len(self._keys)
-        cache = self._ensure_cache(pos + 1)
+    def _decode_one(self, token: int) -> torch.Tensor:
+        pos = len(self.cache)
+        kv = self.cache.ensure(pos + 1)
         with self.threads.step():
             h = self.model.embed(torch.tensor([token], device=self.device), None)
-            logits = self.model(h, pos, cache)[-1]
-        self._keys.append(key)
+            out = None if self.fast_decode is None else self.fast_decode(h, pos, kv)
+            logits = (self.model(h, pos, kv) if out is None else self.model.head(out))[-1]
+        self.cache.keys.append(token)
         return logits
 
     def prefill(self, enc: Encoded) -> torch.Tensor:
         """Run the prompt through the model (reusing the cached prefix): its last logits (V,).
-        For benchmarks and custom decoding loops; stream() is the usual entry point."""
-        self._check_context(len(enc.tokens), 0)
+        For benchmarks and custom decoding loops (generate_step); stream() is the usual
+        entry point."""
+        self.check_context(len(enc.tokens), 0)
         return self._prefill(enc)[0]
 
     def decode(self, token: int) -> torch.Tensor:
         """Append one token at the end of the cached sequence: its logits (V,)."""
-        self._check_context(len(self._keys) + 1, 0)
-        return self._decode_one(token, token)
+        self.check_context(len(self.cache) + 1, 0)
+        return self._decode_one(token)
 
-    def stream_encoded(self, enc: Encoded, *, max_tokens: int, temperature: float = 0.0,
-                       top_p: float = 1.0, top_k: int = 0, seed: int | None = None
-                       ) -> Iterator[Step]:
-        """Generate from already-encoded tokens + images, keeping the cache for reuse."""
-        self._check_context(len(enc.tokens), max_tokens)
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        if temperature > 0 and gen is None:
-            gen = torch.Generator().manual_seed(int.from_bytes(np.random.bytes(8), "little") >> 1)
-        if max_tokens == 0:
-            return
-        logits, computed = self._prefill(enc)
-        prefill_s = time.perf_counter() - t0
-        detok = StreamDecoder(self.encoder)
-        eos = self.encoder.eos_id
-        for i in range(max_tokens):
-            tok = sample(logits.float().cpu(), temperature, top_p, top_k, gen)
-            last = i == max_tokens - 1
-            if tok == eos:
-                yield Step(detok.flush(), tok, i, len(enc.tokens), computed, prefill_s,
-                           time.perf_counter() - t0, "stop")
-                return
-            text = detok.add(tok)
-            if last:
-                text += detok.flush()
-            if not last:  # the last token is not run: a next request computes it
-                logits = self._decode_one(tok, tok)
-            yield Step(text, tok, i, len(enc.tokens), computed, prefill_s,
-                       time.perf_counter() - t0, "length" if last else None)
+    # ---- generation (the tiers above) ----------------------------------------------------
+    def stream_encoded(self, enc: Encoded, **kw: Any) -> Iterator[Step]:
+        """Generate from already-encoded tokens + images (`stream`'s keywords)."""
+        return stream(self, enc, **kw)
 
-    def stream(self, messages: list[dict[str, Any]], *, max_tokens: int,
-               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-               seed: int | None = None) -> Iterator[Step]:
-        """Answer a conversation, token by token."""
-        enc = self.encode(messages)
-        yield from self.stream_encoded(enc, max_tokens=max_tokens, temperature=temperature,
-                                       top_p=top_p, top_k=top_k, seed=seed)
+    def stream(self, messages: list[dict[str, Any]], **kw: Any) -> Iterator[Step]:
+        """Answer a conversation, token by token (max_tokens, temperature, top_p, top_k,
+        seed)."""
+        return stream(self, self.encode(messages), **kw)
 
     def generate(self, messages: list[dict[str, Any]], **kw: Any) -> str:
         return "".join(s.text for s in self.stream(messages, **kw))
 
 
+@dataclass
+class Turn:
+    """One exchange: the user's text, the images that went with it as (source, image), the
+    answer and its figures."""
+    text: str | list[dict[str, Any]]
+    images: list[tuple[str, Any]] = field(default_factory=list)
+    answer: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def user_content(self, sources: bool = False) -> str | list[dict[str, Any]]:
+        if not self.images:
+            return self.text
+        text = [{"type": "text", "text": self.text}] if isinstance(self.text, str) else self.text
+        return [{"type": "image", "image": src if sources else im}
+                for src, im in self.images] + text
+
+
 class ChatSession:
-    """A multi-turn conversation that keeps the KV cache between turns."""
+    """A multi-turn conversation that keeps the KV cache between turns. Images attached with
+    `attach` go with the next message. A turn joins the history only with an answer; a turn
+    that fails (ContextOverflow, a bad image, any error) or stops before any answer leaves
+    the history and the attached images as they were."""
 
     def __init__(self, model: Pixtral, system: str | None = None):
         self.model, self.system = model, system
-        self.messages: list[dict[str, Any]] = []
+        self.turns: list[Turn] = []
+        self.pending: list[tuple[str, Any]] = []
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation so far as chat messages (system prompt not included)."""
+        out: list[dict[str, Any]] = []
+        for t in self.turns:
+            out += [{"role": "user", "content": t.user_content()},
+                    {"role": "assistant", "content": t.answer}]
+        return out
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens the conversation held after the last answer."""
+        return self.turns[-1].stats.get("context_tokens", 0) if self.turns else 0
+
+    def attach(self, source: str, image: Any = None) -> None:
+        """An image (path, URL or data URI; decoded already, or opened here) for the next
+        message."""
+        if image is None:
+            from .images import load_image
+            image = load_image(source)
+        self.pending.append((source, image))
 
     def reset(self) -> None:
-        self.messages = []
+        self.turns, self.pending = [], []
         self.model.reset()
 
-    def send(self, content: str | list[dict[str, Any]], **kw: Any) -> Iterator[Step]:
-        """Add a user turn and stream the answer; the answer joins the history when done
-        (or when the caller stops iterating: the partial answer is kept)."""
-        msgs = ([{"role": "system", "content": self.system}] if self.system else [])
-        msgs += self.messages + [{"role": "user", "content": content}]
-        enc = self.model.encode(msgs)
-        self.messages.append({"role": "user", "content": content})
+    def encode(self, content: str | list[dict[str, Any]]) -> Encoded:
+        """The whole conversation with `content` (and the attached images) as the next turn."""
+        new = Turn(content, list(self.pending))
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return self.model.encode(msgs + self.messages
+                                 + [{"role": "user", "content": new.user_content()}])
+
+    def send(self, content: str | list[dict[str, Any]], *, enc: Encoded | None = None,
+             **kw: Any) -> Iterator[Step]:
+        """Add a user turn and stream the answer (Pixtral.stream's keywords); the turn joins
+        the history when done, or with its partial answer when the caller stops iterating
+        (stats["interrupted"]). `enc`: this turn's encode(), if the caller made it already."""
+        turn = Turn(content, list(self.pending))
+        enc = enc if enc is not None else self.encode(content)
+        before = self.model.images_encoded
         parts: list[str] = []
+        last: Step | None = None
+        done = False
         try:
-            for step in self.model.stream_encoded(enc, **kw):
-                parts.append(step.text)
-                yield step
+            for last in self.model.stream_encoded(enc, **kw):
+                parts.append(last.text)
+                yield last
+            done = True
         finally:
-            self.messages.append({"role": "assistant", "content": "".join(parts)})
+            turn.answer = "".join(parts)
+            if turn.answer.strip() and last is not None:
+                turn.stats = {"prompt_tokens": len(enc.tokens),
+                              "prefilled_tokens": last.prefilled_tokens,
+                              "generated_tokens": last.index + 1,
+                              "images_encoded": self.model.images_encoded - before,
+                              "interrupted": not done,
+                              "context_tokens": len(enc.tokens) + last.index + 1}
+                self.turns.append(turn)
+                self.pending = self.pending[len(turn.images):]
+
+    def save(self, label: str | None = None) -> dict[str, Any]:
+        """The conversation as JSON-able data: messages (images by source, each answer with
+        its stats) and totals. `load` reads it back."""
+        msgs: list[dict[str, Any]] = ([{"role": "system", "content": self.system}]
+                                      if self.system else [])
+        for t in self.turns:
+            stats = {k: v for k, v in t.stats.items() if k != "context_tokens"}
+            msgs += [{"role": "user", "content": t.user_content(sources=True)},
+                     {"role": "assistant", "content": t.answer, "stats": stats}]
+        return {"model": label, "messages": msgs,
+                "stats": {"images_encoded": self.model.images_encoded,
+                          "context_tokens": self.context_tokens,
+                          "context_limit": self.model.context_limit}}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        """Replace the conversation with one `save` wrote (images are opened again from their
+        sources). PromptError for data of another shape; the session is unchanged then."""
+        from .errors import PromptError
+        from .images import load_image
+        try:
+            msgs = list(saved["messages"])
+            system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
+            turns = []
+            for u, a in zip(msgs[::2], msgs[1::2], strict=True):
+                assert u["role"] == "user" and a["role"] == "assistant"
+                content = u["content"]
+                images = [(c["image"], load_image(c["image"])) for c in content
+                          if isinstance(c, dict) and c.get("type") == "image"] \
+                    if isinstance(content, list) else []
+                text = content if not images else [c for c in content if c.get("type") != "image"]
+                if isinstance(text, list) and len(text) == 1 and text[0].get("type") == "text":
+                    text = text[0]["text"]
+                turns.append(Turn(text, images, a["content"], dict(a.get("stats") or {})))
+        except (KeyError, TypeError, ValueError, AssertionError, AttributeError) as e:
+            raise PromptError(f"not a saved conversation ({type(e).__name__}: {e})") from None
+        self.system, self.turns, self.pending = system, turns, []
+        self.model.reset()
 
 
 def available_ram() -> int | None:
@@ -320,28 +490,17 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto",
          threads: int | None = None) -> Pixtral:
     """Load a model directory (Mistral or Hugging Face format) for generation.
 
-    device "auto" picks CUDA when present. On CUDA the weights load on the CPU (memory-mapped)
-    and placement.plan() decides what moves to the GPU: `gpu_layers` decoder layers ("auto":
-    as many as fit, PixlocalError if an explicit count cannot), `max_vram` bytes at most, a KV
-    cache for `context_len` tokens (longer prompts raise ContextOverflow). `threads` fixes the
-    CPU thread count (else $PIXLOCAL_THREADS, else chosen per decode step from the usable
-    cores: kernels/threads.py)."""
+    device "auto" picks CUDA when present. The loader (loader.load) plans what goes where:
+    on CUDA `gpu_layers` decoder layers ("auto": as many as fit, PixlocalError if an
+    explicit count cannot), `max_vram` bytes at most, a KV cache for `context_len` tokens;
+    prompt + answer longer than `context_len` raise ContextOverflow on any device. `threads`
+    fixes the CPU thread count (else $PIXLOCAL_THREADS, else chosen per decode step from
+    the usable cores: kernels/threads.py)."""
     policy = ThreadPolicy(threads)  # ConfigError for a bad $PIXLOCAL_THREADS, before any work
     policy.use()
-    dev = parse_device(device)
-    dt = parse_dtype(dtype, dev)
-    model, ckpt = load_model(path, device="cpu" if dev.type == "cuda" else dev, dtype=dt)
-    context_len = min(context_len, model.args.max_seq_len)
-    p = None
-    if dev.type == "cuda":
-        p = plan(model.args, checkpoint_bytes(ckpt, dt), free_vram(dev),
-                 context_len, image_tokens(model.args, max_image_size), gpu_layers, max_vram,
-                 dt.itemsize)
-        apply(model, p, dev)
-    prepare_quantized(model, ckpt)
-    encoder = PromptEncoder(tokenizer_path(Path(path).expanduser(), ckpt.kind),
+    loaded = load_weights(path, device, dtype, context_len=context_len, gpu_layers=gpu_layers,
+                          max_vram=max_vram, max_image_size=max_image_size)
+    p = Path(path).expanduser()
+    encoder = PromptEncoder(tokenizer_path(p, loaded.checkpoint.kind),
                             max_image_size=max_image_size)
-    runner = Pixtral(model, encoder, Path(path).expanduser(), ckpt, policy)
-    if p is not None:  # the CPU's KV cache grows on demand: only a GPU plan caps the context
-        runner.context_len, runner.plan = context_len, p
-    return runner
+    return Pixtral(loaded, encoder, p, policy)

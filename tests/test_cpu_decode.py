@@ -27,8 +27,8 @@ def _run(m, enc, steps: int = 6) -> tuple[list[torch.Tensor], list[torch.Tensor]
     out = [m.prefill(enc)]
     for _ in range(steps):
         out.append(m.decode(int(out[-1].argmax())))
-    n = len(m._keys)
-    return out, [c[:, :n].clone() for c in m._cache.k + m._cache.v]
+    n = len(m.cache)
+    return out, [c[:, :n].clone() for c in m.cache.kv.k + m.cache.kv.v]
 
 
 def test_bf16_rounding_matches_torch():
@@ -52,13 +52,13 @@ def test_fused_decode_matches_the_modules(qdir, dtype):
     import pixlocal
 
     m = pixlocal.load(qdir, dtype=dtype)
-    fd = m.model.fused_decode
+    fd = m.fast_decode
     assert fd is not None and fd.stack is not None
     enc = m.encode([{"role": "user", "content": "Describe a lighthouse at dusk."}])
     fused, fcache = _run(m, enc)
-    m.model.fused_decode = None
+    m.fast_decode = None
     mods, mcache = _run(m, enc)
-    m.model.fused_decode = fd
+    m.fast_decode = fd
     assert [int(t.argmax()) for t in fused] == [int(t.argmax()) for t in mods]
     tol = 2 ** -7 if dtype == "bfloat16" else 1e-5
     for a, b in zip(fused[1:], mods[1:], strict=True):
@@ -72,28 +72,28 @@ def test_fused_decode_matches_the_modules(qdir, dtype):
 
 def test_fused_decode_steps_aside_when_weights_change(qdir):
     """A layer re-prepared for another backend, a replaced norm weight, or a cache of another
-    dtype: FusedDecode answers None and the modules run (with the new weights)."""
+    dtype: FastDecode answers None and the modules run (with the new weights)."""
     import pixlocal
 
     m = pixlocal.load(qdir, dtype="float32")
-    fd = m.model.fused_decode
+    fd = m.fast_decode
     enc = m.encode([{"role": "user", "content": "Hi"}])
     m.prefill(enc)
-    pos = len(m._keys)
-    cache = m._ensure_cache(pos + 1)
+    pos = len(m.cache)
+    cache = m.cache.ensure(pos + 1)
     h = m.model.embed(torch.tensor([5]), None)
     from pixlocal.rope import freqs_cis_1d
     f = freqs_cis_1d(torch.tensor([pos]), m.model.args.head_dim, m.model.args.rope_theta)
-    assert fd(h, pos, cache, f) is not None
+    assert fd(h, pos, cache) is not None
     with pytest.raises(ValueError, match="past a cache"):
         fd.stack(h, cache.capacity, cache.k, cache.v, f)  # never a write out of bounds
-    assert fd(h.to(torch.float16), pos, cache, f) is None  # no fp16 kernel path
+    assert fd(h.to(torch.float16), pos, cache) is None  # no fp16 kernel path
     blk = m.model.layers[1]
     w = blk.ffn_norm.weight  # (mapped from the file, read-only: replaced, not written)
     blk.ffn_norm.weight = torch.nn.Parameter(w * 2, requires_grad=False)
-    assert fd(h, pos, cache, f) is None
+    assert fd(h, pos, cache) is None
     blk.ffn_norm.weight = w
-    assert fd(h, pos, cache, f) is not None
+    assert fd(h, pos, cache) is not None
     blk.feed_forward.w2.backend = "ref"
-    assert fd(h, pos, cache, f) is None
+    assert fd(h, pos, cache) is None
     assert torch.isfinite(m.decode(5)).all()

@@ -173,22 +173,26 @@ def test_cuda_int8_matches_reference():
 
 
 def test_qlinear_on_the_cuda_backend_keeps_one_copy_of_the_weight():
-    """tinygemm's repack replaces the stored layout: the QLinear drops its buffers (else the
-    weight takes twice its size in VRAM) and keeps answering; int8 keeps its buffers."""
+    """tinygemm's repack replaces the stored layout: prepare() says it copied, and the loader
+    then drops the buffers (else the weight takes twice its size in VRAM); the module keeps
+    answering. int8 computes from its buffers: no copy, nothing to drop."""
     from pixlocal.qlinear import QLinear
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 256, generator=g)
-    for bits, released in ((4, True), (8, False)):
+    for bits, copied in ((4, True), (8, False)):
         lin = torch.nn.Linear(256, 64, bias=True)
         m = QLinear.from_linear(lin, QuantSpec(bits, 32), backend="cuda")
         want = ref.qmatmul(x, m.qtensor()) + m.bias
+        assert m.prepare() is copied and m.backend.copies_weights
         y1 = m(x)
-        assert (m.qweight.numel() == 0) is released and (m.scales.numel() == 0) is released
+        if copied:
+            m.drop_source()
+            assert m.qweight.numel() == 0 and m.scales.numel() == 0
         y2 = m(x)  # prepared once; the emptied buffers are not re-prepared
         assert _rel(y1, want) < BF16_REL and torch.equal(y1, y2)
     # a change of backend after the release cannot re-prepare: it says so
     m = QLinear.from_linear(torch.nn.Linear(256, 64), QuantSpec(4, 32), backend="cuda")
-    m(x)
+    m.drop_source()
     m.backend = "ref"
     with pytest.raises(RuntimeError, match="released"):
         m(x)

@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from pixlocal import kernels, placement
+from pixlocal import placement
+from pixlocal.qlinear import QLinear
 from pixlocal.config import PixtralArgs
 from pixlocal.errors import ContextOverflow, PixlocalError
 from pixlocal.qformat import QuantSpec
@@ -111,39 +112,72 @@ def four_layers(tmp_path_factory):
     return d / "q"
 
 
-def test_apply_splits_layers_and_the_forward_matches(four_layers, monkeypatch, sample_png):
+def _split(path, encoder, backends, gpu_layers=2):
+    """A runner whose plan puts the last `gpu_layers` layers and the vision tower on "the GPU",
+    here the CPU with the given backends (the cuda backend's CPU twins stand in)."""
+    from pixlocal import loader
+    from pixlocal.generate import Pixtral
+    loaded = loader.load(path, "cpu", "float32", context_len=256, gpu_layers=gpu_layers,
+                         gpu="cpu", gpu_free=10 * GiB, backends=backends)
+    return Pixtral(loaded, encoder, path)
+
+
+def test_the_plan_splits_layers_and_the_forward_matches(four_layers, sample_png):
     import pixlocal
-    monkeypatch.setitem(kernels.BACKENDS, "cuda", "pixlocal.kernels.cuda")
     whole = pixlocal.load(four_layers, device="cpu", dtype="float32")
-    split = pixlocal.load(four_layers, device="cpu", dtype="float32")
-    args = split.args
-    b = placement.estimate_bytes(args, QuantSpec(4, 32), torch.float32)
-    everything_cpu = placement.plan(args, b, None, 256, 0)
-    placement.apply(whole.model, everything_cpu, backends={"cpu": "ref"})
-    p = placement.plan(args, b, 10 * GiB, 256, placement.image_tokens(args), gpu_layers=2)
-    assert p.gpu_layers == [2, 3] and p.devices["vision"] == "cuda"
+    ref = _split(four_layers, whole.encoder, {"cuda": "ref", "cpu": "ref"}, gpu_layers=0)
+    split = _split(four_layers, whole.encoder, {"cuda": "cuda", "cpu": "ref"})
+    assert split.plan.gpu_layers == [2, 3] and split.plan.devices["vision"] == "cuda"
     # both "devices" are the CPU here; the backends show which side each module landed on
-    placement.apply(split.model, p, gpu="cpu", backends={"cuda": "cuda", "cpu": "ref"})
-    backend = {n: m.backend for n, m in split.model.named_modules() if hasattr(m, "backend")}
+    backend = {n: m.backend.name for n, m in split.model.named_modules()
+               if isinstance(m, QLinear)}
     assert {backend[f"layers.{i}.feed_forward.w1"] for i in (2, 3)} == {"cuda"}
     assert {backend[f"layers.{i}.attention.wq"] for i in (0, 1)} == {"ref"}
     msgs = [{"role": "user", "content": [{"type": "image", "image": str(sample_png)},
                                          {"type": "text", "text": "What is it?"}]}]
     enc = whole.encode(msgs)
-    want = whole.logits(enc.tokens, enc.images)
+    want = ref.logits(enc.tokens, enc.images)
     # the cuda backend's CPU twins: bf16 activations and bf16 zero points (test_cuda_logic)
     got = split.logits(enc.tokens, enc.images)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-2
-    assert type(split.model.layers[3].feed_forward.w1.prepared()).__name__ == "TinyGemmQTensor"
     # the split itself changes nothing: same backend on both sides, same numbers and tokens
-    # (a fresh load: the cuda backend released the stored int4 buffers after repacking)
-    split = pixlocal.load(four_layers, device="cpu", dtype="float32")
-    placement.apply(split.model, p, gpu="cpu", backends={"cuda": "ref", "cpu": "ref"})
-    torch.testing.assert_close(split.logits(enc.tokens, enc.images), want, rtol=0, atol=0)
-    assert split.generate(msgs, max_tokens=6) == whole.generate(msgs, max_tokens=6)
-    kinds = {(m.backend, type(m.prepared()).__name__) for n, m in split.model.named_modules()
-             if n.startswith("layers.3.") and hasattr(m, "prepared")}
-    assert kinds == {("ref", "QTensor")}
+    same = _split(four_layers, whole.encoder, {"cuda": "ref", "cpu": "ref"})
+    torch.testing.assert_close(same.logits(enc.tokens, enc.images), want, rtol=0, atol=0)
+    assert same.generate(msgs, max_tokens=6) == ref.generate(msgs, max_tokens=6)
+
+
+def test_every_gpu_layer_weight_is_prepared_at_load(four_layers):
+    """Each GPU-layer QLinear is built with the cuda backend and packed for tinygemm by the
+    load itself (before any forward), its stored int4 tensors released; the CPU layers are
+    prepared for theirs."""
+    import pixlocal
+    from pixlocal.kernels.cuda import TinyGemmQTensor
+    enc = pixlocal.load(four_layers, device="cpu", dtype="float32").encoder
+    m = _split(four_layers, enc, {"cuda": "cuda", "cpu": "ref"})
+    for name, mod in m.model.named_modules():
+        if not isinstance(mod, QLinear):
+            continue
+        assert mod._prepared is not None, name  # prepared already: nothing ran yet
+        gpu = name.startswith(("layers.2.", "layers.3."))
+        assert isinstance(mod._prepared[1], TinyGemmQTensor) == gpu, name
+        assert mod.backend.name == ("cuda" if gpu else "ref"), name
+
+
+def test_a_forced_backend_that_cannot_run_a_device_is_one_line(four_layers, monkeypatch):
+    """PIXLOCAL_BACKEND=cpu where the plan puts layers on a GPU, or a backend that does not
+    exist: a PixlocalError naming the variable, never a traceback from deep in the load."""
+    from pixlocal import loader
+    monkeypatch.setenv("PIXLOCAL_BACKEND", "cpu")
+    with pytest.raises(PixlocalError, match="PIXLOCAL_BACKEND=cpu cannot run") as e:
+        loader.load(four_layers, "cpu", "float32", gpu=torch.device("meta"),
+                    gpu_free=10 * GiB, gpu_layers=2)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("PIXLOCAL_BACKEND", "nonsense")
+    with pytest.raises(PixlocalError, match="PIXLOCAL_BACKEND='nonsense'"):
+        loader.load(four_layers, "cpu", "float32")
+    monkeypatch.setenv("PIXLOCAL_BACKEND", "ref")  # runs anywhere
+    m = loader.load(four_layers, "cpu", "float32")
+    assert {q.backend.name for q in m.model.modules() if isinstance(q, QLinear)} == {"ref"}
 
 
 def test_kv_cache_lives_per_layer_on_a_device_list():
@@ -169,6 +203,6 @@ def test_device_auto_without_cuda_is_the_cpu(tiny_ckpt, monkeypatch):
     import pixlocal
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     m = pixlocal.load(tiny_ckpt, dtype="float32")  # device="auto" is the default
-    assert m.device.type == "cpu" and m.plan is None
+    assert m.device.type == "cpu" and m.plan.gpu_layers == [] and m.plan.free_vram is None
     with pytest.raises(PixlocalError, match="no CUDA device"):
         pixlocal.load(tiny_ckpt, device="cuda")

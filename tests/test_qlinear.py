@@ -8,7 +8,8 @@ import torch
 
 from pixlocal import kernels
 from pixlocal.qformat import QuantSpec, dequantize
-from pixlocal.qlinear import QLinear
+from pixlocal.layers import Projections
+from pixlocal.qlinear import Fused, QLinear
 
 cpu = pytest.importorskip("pixlocal.kernels.cpu")
 
@@ -78,8 +79,9 @@ def test_loader_fuses_projections_with_the_same_results(tmp_path, tiny_ckpt):
     quantize_checkpoint(tiny_ckpt, tmp_path / "q", bits=4)
     m = pixlocal.load(tmp_path / "q", dtype="float32")
     layers = list(m.model.layers)
-    assert all(b.attention.qkv is not None and b.feed_forward.w13 is not None for b in layers)
-    m.model.fused_decode = None  # the modules' own path (test_cpu_decode: the layer kernel)
+    assert all(isinstance(b.attention.qkv, Fused) and isinstance(b.feed_forward.w13, Fused)
+               for b in layers)
+    m.fast_decode = None  # the modules' own path (test_cpu_decode: the layer kernel)
     enc = m.encode([{"role": "user", "content": "Hello there"}])
 
     def run() -> list[torch.Tensor]:
@@ -92,7 +94,8 @@ def test_loader_fuses_projections_with_the_same_results(tmp_path, tiny_ckpt):
     fused = run()
     saved = [(b.attention.qkv, b.feed_forward.w13) for b in layers]
     for b in layers:
-        b.attention.qkv = b.feed_forward.w13 = None
+        b.attention.qkv = Projections(b.attention, "wq", "wk", "wv")
+        b.feed_forward.w13 = Projections(b.feed_forward, "w1", "w3")
     apart = run()
     assert all(torch.equal(a, b) for a, b in zip(fused[1:], apart[1:], strict=True))
     torch.testing.assert_close(fused[0], apart[0], rtol=1e-4, atol=1e-4)
