@@ -40,8 +40,6 @@ exhaustive search reaches only ~0.95x llama.cpp Q4_0's RMS error on MiniLM-L6's 
 spent on an asymmetric g32 group with 8-bit scale and zero codes, this module's search
 reaches 0.835x (0.80x is the ceiling with float32 scale and min, at 5 bits/weight).
 
-quantize() (quantizer.py) searches each group's codes; quantize_ref() rounds to nearest.
-
 A model dir (written by `pixlocal quantize`, read by checkpoint.py): params.json, tekken.json,
 quantized-NNNNN-of-NNNNN.safetensors and quantized.index.json = {"metadata": {...as below,
 "total_size"}, "shards": {file: {"size", "sha256"}}, "weight_map": {tensor: file}}. Every
@@ -55,7 +53,7 @@ SCHEMES below is this table as data (suffix, dtype, columns as a function of K a
 module that allocates, checks or sizes these tensors reads it. quantize() and quantize_ref()
 live in quantizer.py, which imports this module (never the other way); pixlocal/ never imports
 quant/, and the runtime's QLinear.from_linear quantizes too. DECODER_LINEAR and HEAD_TENSORS
-name the tensors of the default recipe (quant/recipe.py; placement's estimates).
+name the tensors of the default recipe (quant/recipe.py; memory's estimates).
 """
 
 from __future__ import annotations
@@ -68,7 +66,7 @@ import torch
 
 from .errors import FormatError
 
-# Shapes: K in-features · M out-features · G group size · R rows of one chunk · N groups per row
+# Shapes: K in-features · M out-features · G group size · N groups per row
 
 FORMAT_NAME = "pixlocal"
 FORMAT_VERSION = 1
@@ -103,7 +101,7 @@ SCHEMES: dict[int, tuple[Part, ...]] = {
 }
 SUFFIXES = ("qweight", "scales", "zeros")  # every suffix a quantized weight may have
 
-# The default recipe's names (quant/recipe.py applies it, placement estimates with it)
+# The default recipe's names (quant/recipe.py applies it, memory.estimate_bytes sizes it)
 DECODER_LINEAR = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
 HEAD_TENSORS = ("output.weight", "tok_embeddings.weight")  # int8 by default
 
