@@ -145,8 +145,6 @@ class Sink:
         if fmt == "txt":
             return
         if out is None:
-            if resume:
-                raise typer.BadParameter("--resume needs -o FILE (or --format txt)")
             if fmt == "csv":
                 self._csv_header()
             return
@@ -335,6 +333,8 @@ def caption(
         raise typer.BadParameter("--resume and --overwrite exclude each other")
     if output is not None and fmt == "txt":
         raise typer.BadParameter("--format txt writes sidecars next to the images; drop -o")
+    if resume and output is None and fmt != "txt":
+        raise typer.BadParameter("--resume needs -o FILE (or --format txt)")
     with user_errors():
         from pixlocal.errors import PixlocalError
         files = collect(inputs, glob, skip_txt=fmt == "txt")

@@ -72,7 +72,7 @@ def test_every_command_is_registered_by_importing_the_app_alone():
 # ---- usage errors ------------------------------------------------------------------------
 @pytest.mark.parametrize("args, needles", [
     (["ask"], ["Missing argument 'IMAGE... PROMPT'", "Try '", "ask --help'"]),
-    (["ask", "x.png", "hi", "--bogus"], ["No such option: --bogus", "ask --help"]),
+    (["ask", "x.png", "hi", "--bogus"], ["No such option", "--bogus", "ask --help"]),
     (["ask", "x.png", "hi", "--max-tokens", "many"], ["--max-tokens"]),
     (["ask", "x.png", "hi", "--device", "CPU"], ["--device", "'CPU'", "cuda:N"]),
     (["ask", "x.png", "hi", "--device", "tpu"], ["--device", "'tpu'"]),
