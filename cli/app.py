@@ -24,7 +24,7 @@ try:  # typer >= 0.22 parses with its own copy of click; older typers with click
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as cx  # type: ignore[no-redef]
 
-from . import ask, bench, caption, chat, doctor, models, quantize
+from . import ask, bench, caption, chat, doctor, models, quantize, warmup
 from .common import err, error_line, escape, is_broken_pipe
 
 
@@ -149,6 +149,7 @@ app.command()(models.info)
 app.command()(models.rm)
 app.command()(bench.bench)
 app.command()(doctor.doctor)
+app.command()(warmup.warmup)
 
 
 def _rich_broken_pipe(self: Console) -> None:

@@ -141,7 +141,38 @@ def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int 
     with err.status(f"loading {escape(r.label)} …"):
         m = pixlocal.load(r.path, device=device, dtype=dtype, max_image_size=max_image_size,
                           **kw)
-    return m, time.perf_counter() - t0, r.label
+    load_s = time.perf_counter() - t0
+    compile_kernels(m)  # before any prompt: its time stays out of the token rates
+    return m, load_s, r.label
+
+
+def compile_kernels(m: Pixtral) -> float | None:
+    """On the first run (pixlocal/warm.py): say that the CPU kernels are being compiled, with
+    progress, and compile them; the seconds it took, None when nothing needed compiling."""
+    import threading
+
+    from pixlocal.kernels import jit
+    from pixlocal.warm import needs_warmup, warmup
+
+    if not needs_warmup(m):
+        return None
+    names, t0, done = jit.uncompiled(), time.perf_counter(), threading.Event()
+    msg = "compiling CPU kernels (first run only, usually 15-60 s)"
+    with err.status(msg + " …") as st:
+        def tick() -> None:
+            while not done.wait(0.5):
+                k = round(jit.compiled_fraction(names) * len(names))
+                st.update(f"{msg}: {k}/{len(names)} kernels · {time.perf_counter() - t0:.0f} s")
+        th = threading.Thread(target=tick, daemon=True)
+        th.start()
+        try:
+            warmup(m)
+        finally:
+            done.set()
+            th.join()
+    s = time.perf_counter() - t0
+    err.print(f"[dim]compiled CPU kernels in {s:.0f} s (cached for later runs)[/dim]")
+    return s
 
 
 def context_room(m: Pixtral, n_prompt: int) -> int:

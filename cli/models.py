@@ -146,6 +146,9 @@ def pull(
         finally:
             view.close()
         sys.stdout.write(f"{out}\n")
+        sys.stdout.flush()
+        from .warmup import precompile
+        precompile()  # the first `ask` then starts at once (nothing if done before)
 
 
 # ---- info --------------------------------------------------------------------------------

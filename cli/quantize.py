@@ -92,6 +92,9 @@ def quantize(
         err.print(f"{_human(rep.bytes_in)} in → {_human(rep.bytes_out)} out in "
                   f"{rep.seconds:.1f} s ({rep.mb_per_s:.0f} MB/s of input)")
         sys.stdout.write(f"{rep.out}\n")
+        sys.stdout.flush()
+        from .warmup import precompile
+        precompile()  # the first `ask` on it then starts at once (nothing if done before)
 
 
 def verify(
