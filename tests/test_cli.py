@@ -78,14 +78,14 @@ def test_placement_options_reach_the_loader(tiny_registry, sample_png, monkeypat
         return real(path, **{**kw, "device": "cpu"})
 
     monkeypatch.setattr(pixlocal, "load", spy)
-    opts = ["-m", "tiny", "--dtype", "float32", "--device", "auto", "--gpu-layers", "3",
+    opts = ["-m", "tiny", "--dtype", "float32", "--device", "auto", "--gpu-layers", "2",
             "--max-vram", "1.5", "--context", "2048"]
     assert run("ask", str(sample_png), "hi", "--max-tokens", "2", *opts).exit_code == 0
     assert run("chat", "--max-tokens", "2", *opts, input="hi\n").exit_code == 0
     assert run("caption", str(sample_png), "--max-tokens", "2", *opts).exit_code == 0
     assert run("bench", "tiny", "-p", "8", "-n", "2", "-r", "1",
                *opts[2:]).exit_code == 0
-    want = {"device": "auto", "gpu_layers": 3, "max_vram": 3 * 2**29, "context_len": 2048}
+    want = {"device": "auto", "gpu_layers": 2, "max_vram": 3 * 2**29, "context_len": 2048}
     assert len(seen) == 4 and all(kw.items() >= want.items() for kw in seen), seen
     r = run("ask", str(sample_png), "hi", "-m", "tiny", "--gpu-layers", "most")
     assert r.exit_code == 2 and "--gpu-layers" in r.stderr

@@ -65,8 +65,8 @@ def test_every_command_is_registered_by_importing_the_app_alone():
             "print(' '.join(sorted(get_command(app).commands)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == sorted(["ask", "bench", "caption", "chat", "doctor", "info", "models",
-                          "pull", "quantize", "rm", "verify"])
+    assert set(out) >= {"ask", "bench", "caption", "chat", "doctor", "info", "models", "pull",
+                        "quantize", "rm", "verify"}, out
 
 
 # ---- usage errors ------------------------------------------------------------------------
