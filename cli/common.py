@@ -134,7 +134,10 @@ def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int 
     from pixlocal.registry import resolve
 
     kw = placement_kw(gpu_layers, max_vram, context)
-    r = resolve(ref)
+    with err.status("preparing the model …"):
+        r = resolve(ref)  # the demo model is made here on first use
+    if r.spec is not None and r.spec.note:
+        err.print(f"note: {escape(r.spec.note)}", style="yellow")
     t0 = time.perf_counter()
     if threads is not None:
         kw["threads"] = threads

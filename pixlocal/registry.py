@@ -64,6 +64,8 @@ class ModelSpec:
     hf_files: tuple[str, ...] = ()
     variants: dict[str, Variant] = field(default_factory=dict)
     default_variant: str | None = None
+    synthetic: str | None = None  # a pixlocal.synthetic preset made on first use (the demo)
+    note: str = ""  # said whenever the model is used (the demo's words are noise)
 
     def variant(self, name: str | None = None) -> Variant:
         key = name or self.default_variant or next(iter(self.variants), None)
@@ -140,7 +142,9 @@ def _spec(name: str, d: Any, path: Path) -> ModelSpec:
         upstream=d.get("upstream"), files=_strings(d.get("files", []), f"{where} files"),
         hf_upstream=d.get("hf_upstream"),
         hf_files=_strings(d.get("hf_files", []), f"{where} hf_files"),
-        variants=variants, default_variant=dv)
+        variants=variants, default_variant=dv,
+        synthetic=d.get("synthetic") if isinstance(d.get("synthetic"), str) else None,
+        note=str(d.get("note", "")))
 
 
 def load_registry(path: str | Path | None = None) -> Registry:
@@ -206,6 +210,8 @@ def resolve(ref: str | None, registry: Registry | None = None) -> Resolved:
         ref = reg.default
     spec, variant = reg.lookup(ref)
     label = f"{spec.name}:{variant.name}"
+    if not is_downloaded(variant.path) and spec.synthetic:
+        make_synthetic(spec.synthetic, variant.path)
     if not is_downloaded(variant.path):
         how = f"pixlocal pull {spec.name}"
         if variant.name != spec.default_variant:
@@ -218,3 +224,22 @@ def resolve(ref: str | None, registry: Registry | None = None) -> Resolved:
             raise FormatError(f"{variant.path}: models.toml says {label} is {variant.quant} but "
                               f"its weights are {got or 'not quantized'}")
     return Resolved(variant.path, label, spec, variant)
+
+
+def make_synthetic(preset: str, path: Path) -> None:
+    """Write a random-weight model of a pixlocal.synthetic preset ("tiny") at `path`; whole
+    or not at all (synthetic.write_checkpoint writes beside it, then renames)."""
+    import torch
+
+    from .config import PixtralArgs
+    from .synthetic import write_checkpoint
+    if preset != "tiny":
+        raise ConfigError(f"{registry_file()}: unknown synthetic preset {preset!r} (known: tiny)")
+    try:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(path, PixtralArgs.tiny(), fmt="mistral", dtype=torch.bfloat16, seed=0)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot create the {preset} model ({e.strerror or e})"
+                          ) from None
