@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-try:  # typer >= 0.22 parses with its own copy of click; older typers with click itself
+try:  # newer typers (0.29 here) parse with their own copy of click; older ones with click
     from typer._click import exceptions as cx
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as cx  # type: ignore[no-redef]
