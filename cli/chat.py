@@ -11,13 +11,14 @@ import itertools
 import json
 import shlex
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .common import err, user_errors
+from rich.markup import escape
+
+from .common import err, error_line, user_errors
 from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
@@ -33,68 +34,50 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
-
     from pixlocal.generate import Pixtral
 
 PROMPT = ">>> "
 HELP = """commands:
   /image PATH...  attach images to your next message (paths, URLs or data URIs)
-  /reset          forget the conversation (and the pending images)
+  /reset, /clear  forget the conversation (and the pending images)
   /save FILE      write the conversation as JSON
+  /load FILE      continue a conversation /save wrote
   /set KEY VALUE  change max_tokens, temperature, top_p, top_k or seed
   /stats          images encoded, context used
-  /help           this text
-  /quit           leave (or Ctrl-D); Ctrl-C stops an answer"""
-
-
-@dataclass
-class Turn:
-    text: str
-    images: list[tuple[str, Image]]  # (source as typed, decoded image)
-    answer: str = ""
-    stats: dict[str, Any] = field(default_factory=dict)
+  /help, /?       this text
+  /quit, /bye     leave (or Ctrl-D); Ctrl-C stops an answer"""
 
 
 class Repl:
+    """The REPL's commands around one ChatSession (which holds the history, the attached
+    images and the runner's cache)."""
+
     def __init__(self, m: Pixtral, label: str, system: str | None, gen: dict[str, Any]):
-        self.m, self.label, self.system, self.gen = m, label, system, gen
-        self.turns: list[Turn] = []
-        self.pending: list[tuple[str, Image]] = []
-        self.used = 0  # context tokens the conversation holds after the last answer
+        from pixlocal.generate import ChatSession
+        self.m, self.label, self.gen = m, label, gen
+        self.session = ChatSession(m, system)
 
     # ---- conversation ------------------------------------------------------------------
-    def messages(self, new: Turn | None = None) -> list[dict[str, Any]]:
-        msgs: list[dict[str, Any]] = ([{"role": "system", "content": self.system}]
-                                      if self.system else [])
-        for t in self.turns + ([new] if new else []):
-            content = [{"type": "image", "image": im} for _, im in t.images]
-            msgs.append({"role": "user", "content": content + [{"type": "text",
-                                                                 "text": t.text}]})
-            if t is not new:
-                msgs.append({"role": "assistant", "content": t.answer})
-        return msgs
-
     def ask(self, text: str) -> None:
-        turn = Turn(text, self.pending)
-        enc = self.m.encode(self.messages(turn))
-        limit = self.m.args.max_seq_len
+        """One turn. A turn that fails (an error, a full context) or stops before any answer
+        leaves the history and the attached images as they were."""
+        s = self.session
+        enc = s.encode(text)
+        limit = self.m.context_limit
         room = limit - len(enc.tokens)
         if room < 1:
             err.print(f"[yellow]the conversation ({len(enc.tokens)} tokens) no longer fits the "
                       f"context window of {limit} tokens: /reset to start over[/yellow]")
             return
-        self.pending = []
-        encoded_before = self.m.images_encoded
-        steps = self.m.stream_encoded(enc, max_tokens=min(self.gen["max_tokens"], room),
-                                      **{k: v for k, v in self.gen.items() if k != "max_tokens"})
-        parts: list[str] = []
-        last, interrupted = None, False
+        turns = len(s.turns)
+        steps = s.send(text, enc=enc, max_tokens=min(self.gen["max_tokens"], room),
+                       **{k: v for k, v in self.gen.items() if k != "max_tokens"})
+        wrote, last, interrupted = "", None, False
         try:
             with err.status("thinking …"):
                 first = next(steps, None)
             for step in itertools.chain([first] if first else [], steps):
-                parts.append(step.text)
+                wrote += step.text
                 last = step
                 sys.stdout.write(step.text)
                 sys.stdout.flush()
@@ -102,28 +85,18 @@ class Repl:
             interrupted = True
         finally:
             steps.close()
-        turn.answer = "".join(parts)
-        if turn.answer and not turn.answer.endswith("\n"):
+        if wrote and not wrote.endswith("\n"):
             sys.stdout.write("\n")
         sys.stdout.flush()
-        if not turn.answer.strip():
-            # the chat template refuses an empty assistant message: drop the turn, keep images
-            self.pending = turn.images + self.pending
+        if len(s.turns) == turns:
+            # the chat template refuses an empty assistant message: no turn, images kept
             err.print("[yellow]stopped before any answer; message dropped[/yellow]"
                       if interrupted else "[yellow]empty answer; message dropped[/yellow]")
             return
-        turn.stats = {
-            "prompt_tokens": len(enc.tokens),
-            "prefilled_tokens": last.prefilled_tokens if last else 0,
-            "generated_tokens": last.index + 1 if last else 0,
-            "images_encoded": self.m.images_encoded - encoded_before,
-            "interrupted": interrupted,
-        }
-        self.turns.append(turn)
-        self.used = len(enc.tokens) + turn.stats["generated_tokens"]
         if interrupted:
             err.print("[yellow]stopped[/yellow]")
-        err.print(f"[dim]{stats_line(last, turn.stats['generated_tokens'])}[/dim]")
+        err.print(f"[dim]{escape(stats_line(last, s.turns[-1].stats['generated_tokens']))}"
+                  "[/dim]")
         if last is not None and last.finish_reason == "length" and \
                 last.prompt_tokens + last.index + 1 >= limit:
             err.print(f"[yellow]the context window ({limit} tokens) is full: /reset to start "
@@ -132,74 +105,83 @@ class Repl:
     # ---- commands ----------------------------------------------------------------------
     def command(self, line: str) -> bool:
         """Run a /command; False means quit."""
-        from pixlocal.images import load_image
         try:
             name, *args = shlex.split(line)
         except ValueError as e:
-            err.print(f"[red]error:[/red] {e}")
+            error_line(e)
             return True
-        if name in ("/quit", "/exit", "/q"):
+        if name in ("/quit", "/exit", "/q", "/bye"):
             return False
-        if name == "/help":
+        s = self.session
+        if name in ("/help", "/?"):
             err.print(HELP, highlight=False, markup=False)
         elif name == "/image":
             if not args:
-                err.print("[red]error:[/red] /image needs a path")
+                error_line("/image needs a path")
             for a in args:
-                self.pending.append((a, load_image(a)))
-                im = self.pending[-1][1]
-                err.print(f"[dim]attached {a} ({im.width}×{im.height}); it goes with your "
-                          "next message[/dim]")
-        elif name == "/reset":
-            self.turns, self.pending, self.used = [], [], 0
-            self.m.reset()
+                s.attach(a)
+                im = s.pending[-1][1]
+                err.print(f"[dim]attached {escape(a)} ({im.width}×{im.height}); it goes with "
+                          "your next message[/dim]")
+        elif name in ("/reset", "/clear"):
+            s.reset()
             err.print("[dim]conversation cleared[/dim]")
         elif name == "/save":
-            if len(args) != 1:
-                err.print("[red]error:[/red] usage: /save FILE")
-            else:
-                Path(args[0]).expanduser().write_text(json.dumps(self.saved(), indent=2) + "\n")
-                err.print(f"[dim]saved {len(self.turns)} turn(s) to {args[0]}[/dim]")
+            self.save(args)
+        elif name == "/load":
+            self.load(args)
         elif name == "/set":
             self.set(args)
         elif name == "/stats":
-            s = self.saved()["stats"]
-            err.print(f"images encoded: {s['images_encoded']} · turns: {len(self.turns)} · "
-                      f"context: {s['context_tokens']}/{s['context_limit']} tokens")
+            st = s.save(self.label)["stats"]
+            attached = f" · {len(s.pending)} image(s) attached" if s.pending else ""
+            err.print(f"images encoded: {st['images_encoded']} · turns: {len(s.turns)} · "
+                      f"context: {st['context_tokens']}/{st['context_limit']} tokens{attached}")
         else:
-            err.print(f"[red]error:[/red] unknown command {name} (try /help)")
+            error_line(f"unknown command {name} (try /help)")
         return True
+
+    def save(self, args: list[str]) -> None:
+        if len(args) != 1:
+            error_line("usage: /save FILE")
+            return
+        try:
+            Path(args[0]).expanduser().write_text(
+                json.dumps(self.session.save(self.label), indent=2) + "\n")
+        except OSError as e:  # a missing directory, a directory, no permission: say so only
+            error_line(f"cannot save to {args[0]}: {e.strerror or e}")
+            return
+        err.print(f"[dim]saved {len(self.session.turns)} turn(s) to {escape(args[0])}[/dim]")
+
+    def load(self, args: list[str]) -> None:
+        if len(args) != 1:
+            error_line("usage: /load FILE")
+            return
+        try:
+            saved = json.loads(Path(args[0]).expanduser().read_text())
+        except (OSError, ValueError) as e:
+            error_line(f"cannot load {args[0]}: {getattr(e, 'strerror', None) or e}")
+            return
+        self.session.load(saved)
+        err.print(f"[dim]loaded {len(self.session.turns)} turn(s) from {escape(args[0])}[/dim]")
 
     def set(self, args: list[str]) -> None:
         kinds = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int,
                  "seed": int}
         if len(args) != 2 or args[0] not in kinds:
-            err.print(f"[red]error:[/red] usage: /set KEY VALUE (KEY: {', '.join(kinds)})")
+            error_line(f"usage: /set KEY VALUE (KEY: {', '.join(kinds)})")
             return
         try:
             value = kinds[args[0]](args[1])
         except ValueError:
-            err.print(f"[red]error:[/red] {args[0]} needs a number, got {args[1]!r}")
+            error_line(f"{args[0]} needs a number, got {args[1]!r}")
             return
         if value < 0 or (args[0] == "max_tokens" and value < 1) or \
                 (args[0] == "top_p" and value > 1):
-            err.print(f"[red]error:[/red] {args[0]} {args[1]} is out of range")
+            error_line(f"{args[0]} {args[1]} is out of range")
             return
         self.gen[args[0]] = value
         err.print(f"[dim]{args[0]} = {value}[/dim]")
-
-    def saved(self) -> dict[str, Any]:
-        msgs: list[dict[str, Any]] = ([{"role": "system", "content": self.system}]
-                                      if self.system else [])
-        for t in self.turns:
-            content = [{"type": "image", "image": src} for src, _ in t.images]
-            msgs.append({"role": "user", "content": content + [{"type": "text",
-                                                                 "text": t.text}]})
-            msgs.append({"role": "assistant", "content": t.answer, "stats": t.stats})
-        return {"model": self.label, "messages": msgs,
-                "stats": {"images_encoded": self.m.images_encoded,
-                          "context_tokens": self.used,
-                          "context_limit": self.m.args.max_seq_len}}
 
 
 def _read_line(tty: bool) -> str | None:
@@ -268,11 +250,12 @@ def chat(
                                       max_vram=max_vram, context=context, threads=threads)
         repl = Repl(m, label, system, dict(max_tokens=max_tokens, temperature=temperature,
                                            top_p=top_p, top_k=top_k, seed=seed))
-        repl.pending = first
+        for src, im in first:
+            repl.session.attach(src, im)
         tty = sys.stdin.isatty() and sys.stdout.isatty()
         history = _setup_history() if tty else None
-        err.print(f"[dim]{label} loaded in {load_s:.1f} s · /help for commands, Ctrl-D to "
-                  "quit[/dim]")
+        err.print(f"[dim]{escape(label)} loaded in {load_s:.1f} s · /help for commands, "
+                  "Ctrl-D to quit[/dim]")
         try:
             while True:
                 try:
@@ -293,6 +276,6 @@ def chat(
                     else:
                         repl.ask(line)
                 except PixlocalError as e:  # a bad image or prompt: say so, keep the session
-                    err.print(f"[red]error:[/red] {e}", soft_wrap=True)
+                    error_line(e)
         finally:
             _save_history(history)

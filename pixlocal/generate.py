@@ -354,7 +354,9 @@ class Turn:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def user_content(self, sources: bool = False) -> str | list[dict[str, Any]]:
-        if not self.images:
+        """The user message's content; `sources`: images by source and always a list (the
+        saved form)."""
+        if not self.images and not sources:
             return self.text
         text = [{"type": "text", "text": self.text}] if isinstance(self.text, str) else self.text
         return [{"type": "image", "image": src if sources else im}

@@ -115,3 +115,31 @@ def test_chat_in_a_terminal(tiny_registry, tmp_path, sample_png):
     assert d["stats"]["images_encoded"] == 1
     history = (tmp_path / "home" / "chat_history").read_text().splitlines()
     assert "describe it" in history and "/stats" in history  # kept for the next session
+
+
+def test_a_turn_that_overflows_keeps_the_pending_image(tiny_registry, tmp_path, sample_png):
+    """Loaded with a context smaller than an image prompt: the turn is refused, the image
+    stays attached (/stats says so), /save to a missing directory is one error line, and the
+    REPL goes on."""
+    env = {k: os.environ[k] for k in ("PIXLOCAL_HOME", "PIXLOCAL_MODELS_TOML", "PATH")}
+    env["TERM"] = "xterm-256color"
+    t = Tmux([sys.executable, "-m", "pixlocal.cli.app", "chat", "--context", "16",
+              "--dtype", "float32"], env, tmp_path / "exit_status")
+    try:
+        t.wait_for(lambda s: ">>> " in s, "the prompt")
+        t.keys(f"/image {sample_png}", "Enter")
+        t.wait_for(lambda s: "attached" in s, "/image")
+        t.keys("describe it", "Enter")
+        s = t.wait_for(lambda s: "no longer fits" in s, "the refusal")
+        assert "context window of 16 tokens" in s
+        t.keys("/stats", "Enter")
+        t.wait_for(lambda s: "turns: 0" in s and "1 image(s) attached" in s, "/stats")
+        t.keys(f"/save {tmp_path / 'no' / 'such' / 'dir.json'}", "Enter")
+        t.wait_for(lambda s: "error: cannot save to" in s, "the /save error")
+        t.keys("/bye", "Enter")
+        deadline = time.monotonic() + 30
+        while t.exit_status() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert t.exit_status() == 0 and "Traceback" not in t.screen(), t.screen()
+    finally:
+        t.close()

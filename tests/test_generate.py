@@ -115,3 +115,25 @@ def test_chat_reset_forgets_history(tiny_ckpt):
     assert chat.messages == []
     steps = list(chat.send("Hello", max_tokens=3))
     assert steps[0].prefilled_tokens == steps[0].prompt_tokens  # nothing reused after reset
+
+
+def test_a_chat_turn_that_fails_keeps_history_and_images(tiny_ckpt, sample_png):
+    """The runner refuses a turn past its planned context (ContextOverflow) after the
+    session encoded it: the attached image stays pending and the history is unchanged."""
+    m = pixlocal.load(tiny_ckpt, dtype="float32")
+    chat = ChatSession(m)
+    list(chat.send("Hello", max_tokens=3))
+    before = chat.messages
+    chat.attach(str(sample_png))
+    m.context_len = len(chat.encode("Describe it.").tokens) + 1  # a plan for fewer tokens
+    with pytest.raises(ContextOverflow):
+        list(chat.send("Describe it.", max_tokens=8))
+    assert chat.messages == before and len(chat.pending) == 1
+    m.context_len = 10_000
+    steps = list(chat.send("Describe it.", max_tokens=2))
+    assert steps and chat.pending == [] and len(chat.turns) == 2
+    saved = chat.save("tiny")
+    again = ChatSession(m)
+    again.load(saved)
+    assert again.messages[0] == before[0] and len(again.turns) == 2
+    assert again.turns[1].images[0][0] == str(sample_png)

@@ -44,6 +44,7 @@ class Backend:
 
     def __init__(self) -> None:
         self.k: ModuleType = importlib.import_module(self.module_name)
+        self._decode = getattr(self.k, "decode_attention", None)
 
     def __repr__(self) -> str:
         return self.name
@@ -70,8 +71,8 @@ class Backend:
                   ) -> torch.Tensor:
         """q (H, L, Dh), k/v (Hkv, >= S, Dh) → (H, L, Dh) (layers.attention's contract). One query reads
         the cache through the backend's decode kernel (torch's GQA SDPA is slow for it)."""
-        if q.shape[1] == 1 and hasattr(self.k, "decode_attention"):
-            out: torch.Tensor = self.k.decode_attention(q, k, v, S)
+        if q.shape[1] == 1 and self._decode is not None:
+            out: torch.Tensor = self._decode(q, k, v, S)
             return out
         return sdpa(q, k, v, S)
 
