@@ -5,6 +5,7 @@ ConfigError naming the file and the keys."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,15 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_CONTEXT = 32_768  # tokens the KV cache is planned for (~1 image + a long chat)
+
+
+def home() -> Path:
+    """Where pulled and quantized models live: $PIXLOCAL_HOME, else $XDG_CACHE_HOME/pixlocal
+    (~/.cache/pixlocal). Here, with no project imports, so registry and integrity share it."""
+    if os.environ.get("PIXLOCAL_HOME"):
+        return Path(os.environ["PIXLOCAL_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "pixlocal"
 
 # defaults of transformers' PixtralVisionConfig / MistralConfig, used only for HF configs,
 # whose files omit keys equal to the class default (as transformers itself reads them)

@@ -34,7 +34,7 @@ def sha256_file(path: Path, tick: Callable[[int], None] | None = None) -> str:
 
 
 def _store() -> Path:
-    from .registry import home
+    from .config import home
     return home() / "verified.json"
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import tomllib
 
+from .config import home  # PIXLOCAL_HOME (integrity reads it too)
 from .errors import ConfigError, FormatError, ModelNotFound
 from .shards import SafetensorsFile
 
@@ -32,14 +33,6 @@ def _bundled_toml() -> Path:
 
 
 BUNDLED_TOML = _bundled_toml()
-
-
-def home() -> Path:
-    """Where pulled and quantized models live."""
-    if os.environ.get("PIXLOCAL_HOME"):
-        return Path(os.environ["PIXLOCAL_HOME"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser() / "pixlocal"
 
 
 def registry_file() -> Path:
