@@ -51,6 +51,7 @@ def test_fixed_counts(monkeypatch):
         th.ThreadPolicy(threads=0)
     auto = th.ThreadPolicy()
     assert auto.most == host.usable_cores() and auto.n == auto.most
+    monkeypatch.setattr(th, "busy_cores", lambda: 0)  # a quiet machine at the first use
     auto.use()
     assert numba.get_num_threads() == min(auto.most, numba.config.NUMBA_NUM_THREADS)
 
@@ -120,3 +121,21 @@ def test_eight_cores_with_one_busy_pick_seven(monkeypatch):
     cost = {8: 0.05, 7: 0.006, 4: 0.008, 1: 0.02}.get
     drive(p, cost, 300, monkeypatch)
     assert p.n == 7
+
+
+def test_first_count_leaves_out_cores_others_keep_busy(monkeypatch):
+    samples = iter([{0: (100, 1000), 1: (100, 1000)},   # cpu 0 idle, cpu 1 busy, 50 ms later:
+                    {0: (150, 1050), 1: (105, 1050)}])
+    monkeypatch.setattr(th, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(th.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(th.time, "sleep", lambda s: None)
+    assert th.busy_cores() == 1
+    p = policy(2)
+    p._looked = False
+    monkeypatch.setattr(th, "busy_cores", lambda: 1)
+    monkeypatch.setattr(th, "apply_threads", lambda n: n)
+    assert p.use() == 1 and p.n == 1
+
+
+def test_busy_cores_reads_this_machine():
+    assert 0 <= th.busy_cores(0.01) <= host.usable_cores() or th._cpu_times() == {}
