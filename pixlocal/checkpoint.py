@@ -219,10 +219,10 @@ def read_quant_index(model_dir: Path) -> dict:
 
 def _open_quantized(model_dir: Path, args: PixtralArgs) -> Checkpoint:
     d = read_quant_index(model_dir)
-    check_once(model_dir, d["shards"])  # sha256, on the first load of these files only
     files = [SafetensorsFile(model_dir / n) for n in sorted(d["shards"])]
     for f in files:
         read_metadata(f.metadata, str(f.path))
+    check_once(model_dir, d["shards"])  # sha256, on the first load of these files only
     return Checkpoint("pixlocal", files, args)
 
 

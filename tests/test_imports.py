@@ -28,9 +28,11 @@ def test_library_never_imports_quant_or_cli():
 
 
 def test_numba_only_in_cpu_kernels_and_transformers_only_in_tests():
+    cpu_backend = ("cpu.py", "cpu_attn.py", "cpu_layout.py", "cpu_decode.py",
+                   "threads.py", "jit.py")  # kernels, their thread counts and compile cache
     for p in LIB + QUANT + sorted((ROOT / "cli").rglob("*.py")):
         names = _imports(p)
-        if p.name not in ("cpu.py", "cpu_attn.py", "cpu_layout.py", "cpu_decode.py"):  # cpu backend
+        if p.name not in cpu_backend or p.parent.name != "kernels":
             assert not any(n.split(".")[0] == "numba" for n in names), p
         assert not any(n.split(".")[0] == "transformers" for n in names), p
 
