@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--gguf", help="the same shapes as a GGUF, for llama.cpp")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench executable")
     ap.add_argument("--json", type=Path, help="write every run and the summary here")
+    ap.add_argument("--quiet-only", action="store_true",
+                    help="no busy runs: a plain before/after A/B (with --base)")
     a = ap.parse_args()
 
     contestants = {"ours": lambda: run_pixlocal(a.pixlocal, a.model, a.p, a.n, [])}
@@ -85,7 +87,7 @@ def main() -> None:
         order = list(contestants)
         if rnd % 2:
             order.reverse()
-        conds = [False, True] if rnd % 2 == 0 else [True, False]
+        conds = [False] if a.quiet_only else [False, True] if rnd % 2 == 0 else [True, False]
         for name in order:
             for busy in conds:
                 with busy_core(busy):
@@ -99,16 +101,18 @@ def main() -> None:
     def med(who: str, busy: bool, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["who"] == who and r["busy"] == busy)
 
+    conditions = ("quiet",) if a.quiet_only else ("quiet", "busy")
     summary = {}
     for name in contestants:
         s = {f"{k}_{c}": round(med(name, c == "busy", k), 2)
-             for k in ("pp", "tg") for c in ("quiet", "busy")}
-        s["tg_busy_over_quiet"] = round(s["tg_busy"] / s["tg_quiet"], 3)
-        s["pp_busy_over_quiet"] = round(s["pp_busy"] / s["pp_quiet"], 3)
+             for k in ("pp", "tg") for c in conditions}
+        if not a.quiet_only:
+            s["tg_busy_over_quiet"] = round(s["tg_busy"] / s["tg_quiet"], 3)
+            s["pp_busy_over_quiet"] = round(s["pp_busy"] / s["pp_quiet"], 3)
         summary[name] = s
     for other in ("base", "llama"):
         if other in summary:
-            for c in ("quiet", "busy"):
+            for c in conditions:
                 pairs = [(x, y) for x in runs for y in runs if x["who"] == "ours"
                          and y["who"] == other and x["round"] == y["round"]
                          and x["busy"] == y["busy"] == (c == "busy")]
