@@ -171,8 +171,12 @@ def for_device(device: torch.device) -> Backend:
 
 def parse_device(device: str | torch.device) -> torch.device:
     """auto / cpu / cuda / cuda:N → a torch device; PixlocalError for one not present."""
-    d = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else
-                     "cpu" if str(device) == "auto" else device)
+    try:
+        d = torch.device("cuda" if str(device) == "auto" and torch.cuda.is_available() else
+                         "cpu" if str(device) == "auto" else device)
+    except (RuntimeError, TypeError):  # "CPU", "tpu", "cuda:x": torch's message is long
+        raise PixlocalError(f"unknown device {str(device)!r} (choose auto, cpu, cuda or "
+                            "cuda:N)") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise PixlocalError("--device cuda: no CUDA device is available (torch "
                             f"{torch.__version__} sees none); use --device cpu")
