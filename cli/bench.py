@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import err, user_errors
+from .common import err, out, user_errors
 from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
@@ -107,7 +107,7 @@ def bench(
 ) -> None:
     """Measure load time, JIT warm-up, prefill and decode speed, bandwidth and peak RSS."""
     with user_errors():
-        from pixlocal.registry import resolve
+        from .registry import resolve
         kw = placement_kw(gpu_layers, max_vram, context)
         if threads is not None:
             kw["threads"] = threads
@@ -119,7 +119,6 @@ def bench(
         if as_json:
             sys.stdout.write(json.dumps(r) + "\n")
             return
-        from rich.console import Console
         from rich.table import Table
         t = Table(box=None)
         for col in ("test", "tokens", "tok/s", "notes"):
@@ -128,7 +127,7 @@ def bench(
                   f"{r['images']} image(s)" if r["images"] else "")
         t.add_row(f"tg{n_gen}", str(n_gen), f"{r['decode_tps']:.2f}",
                   f"{r['effective_gbps']:.1f} GB/s of weights")
-        Console().print(t)
+        out().print(t)
         err.print(f"[dim]load {r['load_s']:.2f} s · warm-up {r['warmup_s']:.2f} s · "
                   f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB · {r['threads']} threads · "
                   f"{r['device']} {r['dtype']}[/dim]")
