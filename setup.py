@@ -1,5 +1,5 @@
 """Build step: models.toml stays at the repo root (the registry people edit) and ships in the
-wheel as pixlocal/models.toml package data, where pixlocal.registry reads it. Everything else
+wheel as pixlocal/models.toml package data, where pixlocal.cli.registry reads it. Everything else
 is in pyproject.toml."""
 
 from pathlib import Path

@@ -194,7 +194,7 @@ import time; t0 = time.perf_counter()
 import torch
 from pixlocal.kernels import cpu
 from pixlocal.qformat import QTensor, QuantSpec
-from pixlocal.quantizer import quantize
+from pixlocal.quant.quantizer import quantize
 t1 = time.perf_counter()
 for bits in (4, 8):
     q = quantize(torch.randn(64, 256), QuantSpec(bits, 32))

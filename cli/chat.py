@@ -199,7 +199,7 @@ def _setup_history() -> Path | None:
         import readline
     except ImportError:  # Windows without pyreadline: plain input() still works
         return None
-    from pixlocal.registry import home
+    from pixlocal.config import home
     path = home() / "chat_history"
     readline.set_history_length(1000)
     try:

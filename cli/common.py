@@ -131,7 +131,7 @@ def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int 
                ) -> tuple[Pixtral, float, str]:
     """Resolve --model and load it under a spinner: (model, load seconds, label)."""
     import pixlocal
-    from pixlocal.registry import resolve
+    from .registry import resolve
 
     kw = placement_kw(gpu_layers, max_vram, context)
     with err.status("preparing the model …"):
@@ -155,7 +155,7 @@ def compile_kernels(m: Pixtral) -> float | None:
     import threading
 
     from pixlocal.kernels import jit
-    from pixlocal.warm import needs_warmup, warmup
+    from .warm import needs_warmup, warmup
 
     if not needs_warmup(m):
         return None

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from pixlocal.config import DEFAULT_CONTEXT
-from pixlocal.units import human_bytes
+from .units import human_bytes
 
 from .common import check_device, err, user_errors
 from .common import out as out_console

@@ -13,13 +13,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from pixlocal.units import human_bytes as human
+from .units import human_bytes as human
 
 from .common import err, escape, user_errors
 from .common import out as out_console
 
 if TYPE_CHECKING:
-    from pixlocal.hub import PullEvent
+    from .hub import PullEvent
 
 
 def _out() -> Console:
@@ -32,7 +32,7 @@ def models_cmd(
 ) -> None:
     """List the registry's models, their variants, and which are downloaded."""
     with user_errors():
-        from pixlocal.registry import dir_size, home, is_downloaded, load_registry
+        from .registry import dir_size, home, is_downloaded, load_registry
         reg = load_registry()
         rows = []
         for spec in reg.models.values():
@@ -98,7 +98,7 @@ class _PullView:
                                 TimeRemainingColumn(), console=err)
             self.task = self.bar.add_task(ev.name, total=None)
             self.bar.start()
-        from pixlocal.registry import dir_size
+        from .registry import dir_size
         if ev.what == "downloaded" and ev.path is not None:
             err.print(f"[green]downloaded[/green] {escape(f'{ev.repo} → {ev.path}')} "
                       f"({human(dir_size(ev.path))})")
@@ -119,7 +119,7 @@ def _quantize_with_bar(src: Path, out: Path, bits: int) -> None:
         task = bar.add_task("quantize", total=None)
         quantize_checkpoint(src, out, bits=bits, progress=lambda done, total: bar.update(
             task, completed=done, total=total))
-    from pixlocal.registry import dir_size
+    from .registry import dir_size
     err.print(f"[green]quantized[/green] {escape(str(out))} ({human(dir_size(out))})")
 
 
@@ -133,7 +133,7 @@ def pull(
         help="mistral (upstream) or hf (hf_upstream, Llava format).")] = "mistral",
 ) -> None:
     """Download a model from Hugging Face (resumable), then quantize it."""
-    from pixlocal import hub
+    from . import hub
     if source not in hub.SOURCES:
         raise typer.BadParameter(f"{source!r} is not mistral or hf", param_hint="--source")
     if quant is not None and quant not in hub.QUANTS:
@@ -155,7 +155,7 @@ def pull(
 def _info(path: Path, context: int) -> dict[str, Any]:
     from pixlocal.config import read_args
     from pixlocal.memory import load_estimate, param_counts
-    from pixlocal.registry import dir_size, quant_of
+    from .registry import dir_size, quant_of
     args = read_args(path)
     counts = param_counts(args)
     quant = quant_of(path)
@@ -187,7 +187,7 @@ def info(
 ) -> None:
     """Architecture, quantization, size on disk and memory needed."""
     with user_errors():
-        from pixlocal.registry import resolve
+        from .registry import resolve
         r = resolve(model)
         d = _info(r.path, context)
         d["model"] = r.label
@@ -225,7 +225,7 @@ def rm(
     """Delete a downloaded model (a registered one; never an arbitrary directory)."""
     with user_errors():
         from pixlocal.errors import ModelNotFound
-        from pixlocal.registry import dir_size, load_registry
+        from .registry import dir_size, load_registry
         reg = load_registry()
         spec, variant = reg.lookup(model)
         targets = [v for v in (spec.variants.values() if all_variants else [variant])

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pixlocal.units import human_bytes as _human
+from .units import human_bytes as _human
 
 from .common import err, escape, user_errors
 

@@ -21,7 +21,7 @@ def precompile(device: str = "cpu", dtype: str = "auto") -> float | None:
     from pixlocal.config import PixtralArgs
     from pixlocal.kernels.backend import CpuBackend, for_device, parse_device
     from pixlocal.loader import parse_dtype
-    from pixlocal.warm import marker
+    from .warm import marker
 
     dev = parse_device(device)
     if not isinstance(for_device(dev), CpuBackend) or \
@@ -50,7 +50,7 @@ def warmup(
     with user_errors():
         if model is not None:
             import pixlocal
-            from pixlocal.registry import resolve
+            from .registry import resolve
             r = resolve(model)
             with err.status(f"loading {escape(r.label)} …"):
                 m = pixlocal.load(r.path, device=device, dtype=dtype)

@@ -51,9 +51,9 @@ a file mixes schemes); other tensors keep their names. Any layout change bumps F
 
 SCHEMES below is this table as data (suffix, dtype, columns as a function of K and G): every
 module that allocates, checks or sizes these tensors reads it. quantize() and quantize_ref()
-live in quantizer.py, which imports this module (never the other way); pixlocal/ never imports
-quant/, and the runtime's QLinear.from_linear quantizes too. DECODER_LINEAR and HEAD_TENSORS
-name the tensors of the default recipe (quant/recipe.py; memory's estimates).
+live in quant/quantizer.py (pixlocal.quant), which imports this module; the runtime never
+quantizes. DECODER_LINEAR and HEAD_TENSORS name the tensors of the default recipe
+(quant/recipe.py; memory's estimates).
 """
 
 from __future__ import annotations

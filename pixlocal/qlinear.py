@@ -8,7 +8,6 @@ from torch import nn
 from .errors import FormatError
 from .kernels.backend import Backend, get
 from .qformat import QTensor, QuantSpec
-from .quantizer import quantize
 
 # Shapes: L tokens · K in-features · M out-features · G group size
 
@@ -120,12 +119,6 @@ class QLinear(nn.Module):
         m.qweight, m.scales, m.zeros = q.qweight, q.scales, q.zeros
         m.bias = None if bias is None else bias.detach().clone()
         return m
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec,
-                    backend: Backend | str = "ref") -> QLinear:
-        """Quantize an nn.Linear's weight with `spec` (keeps its bias in its own dtype)."""
-        return cls.from_qtensor(quantize(linear.weight, spec), linear.bias, backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

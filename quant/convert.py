@@ -45,7 +45,7 @@ from pixlocal.qformat import (
     make_metadata,
     stored_tensors,
 )
-from pixlocal.quantizer import quantize
+from .quantizer import quantize
 from pixlocal.shards import StreamingWriter
 
 from .recipe import Recipe, Target, describe, kind_of

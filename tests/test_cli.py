@@ -251,7 +251,7 @@ def test_info(tiny_registry, tiny_args):
 
 
 def test_rm(tiny_registry, tiny_ckpt):
-    from pixlocal.registry import home
+    from pixlocal.config import home
     dest = home() / "big"
     shutil.copytree(tiny_ckpt, dest)
     r = run("rm", "big:bf16", input="n\n")

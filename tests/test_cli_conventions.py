@@ -121,7 +121,7 @@ def test_brackets_in_file_names_are_printed_as_they_are(tmp_path, tiny_ckpt, nam
 def test_rm_prompt_keeps_its_brackets(tiny_registry, tiny_ckpt):
     import shutil
 
-    from pixlocal.registry import home
+    from pixlocal.config import home
     shutil.copytree(tiny_ckpt, home() / "big")
     r = run("rm", "big:bf16", input="n\n")
     assert r.exit_code == 0 and "[y/N]" in r.stderr and "kept" in r.stderr

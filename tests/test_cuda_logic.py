@@ -7,7 +7,14 @@ import torch
 
 from pixlocal.kernels import cuda, ref
 from pixlocal.qformat import QuantSpec, dequantize, unpack_int4
-from pixlocal.quantizer import quantize
+from pixlocal.qlinear import QLinear
+from pixlocal.quant.quantizer import quantize
+
+
+def from_linear(lin: torch.nn.Linear, spec: QuantSpec, backend: str = "ref") -> QLinear:
+    """A QLinear holding `lin`'s weight quantized with `spec`, and its bias."""
+    return QLinear.from_qtensor(quantize(lin.weight, spec), lin.bias, backend)
+
 
 # bf16 activations (8 significant bits) and bf16 zero points: relative error of a dot
 # product of a few hundred terms stays ~1e-3; 1e-2 of the output's max leaves 5x headroom and
@@ -176,12 +183,11 @@ def test_qlinear_on_the_cuda_backend_keeps_one_copy_of_the_weight():
     """tinygemm's repack replaces the stored layout: prepare() says it copied, and the loader
     then drops the buffers (else the weight takes twice its size in VRAM); the module keeps
     answering. int8 computes from its buffers: no copy, nothing to drop."""
-    from pixlocal.qlinear import QLinear
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 256, generator=g)
     for bits, copied in ((4, True), (8, False)):
         lin = torch.nn.Linear(256, 64, bias=True)
-        m = QLinear.from_linear(lin, QuantSpec(bits, 32), backend="cuda")
+        m = from_linear(lin, QuantSpec(bits, 32), "cuda")
         want = ref.qmatmul(x, m.qtensor()) + m.bias
         assert m.prepare() is copied and m.backend.copies_weights
         y1 = m(x)
@@ -191,7 +197,7 @@ def test_qlinear_on_the_cuda_backend_keeps_one_copy_of_the_weight():
         y2 = m(x)  # prepared once; the emptied buffers are not re-prepared
         assert _rel(y1, want) < BF16_REL and torch.equal(y1, y2)
     # a change of backend after the release cannot re-prepare: it says so
-    m = QLinear.from_linear(torch.nn.Linear(256, 64), QuantSpec(4, 32), backend="cuda")
+    m = from_linear(torch.nn.Linear(256, 64), QuantSpec(4, 32), "cuda")
     m.drop_source()
     m.backend = "ref"
     with pytest.raises(RuntimeError, match="released"):

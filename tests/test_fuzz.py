@@ -32,7 +32,7 @@ from PIL import Image
 from pixlocal.errors import FormatError, ImageError
 from pixlocal.images import load_image
 from pixlocal.qformat import SCALE_MIN, QTensor, QuantSpec, dequantize
-from pixlocal.quantizer import quantize
+from pixlocal.quant.quantizer import quantize
 from pixlocal.shards import DTYPES, SafetensorsFile, save_file
 
 LONG = os.environ.get("PIXLOCAL_FUZZ", "").lower() == "long"

@@ -1,4 +1,4 @@
-"""pixlocal.hub from Python, against the stand-in hub (tests/hub_server.py; HF_ENDPOINT is read
+"""pixlocal.cli.hub from Python, against the stand-in hub (tests/hub_server.py; HF_ENDPOINT is read
 by huggingface_hub at import, so each pull runs in a subprocess): the events the CLI draws,
 the path returned, the quantizer passed in, and shards named by a pattern after their index."""
 
@@ -19,7 +19,7 @@ FILES = ("params.json", "consolidated.safetensors", "tekken.json")
 
 SCRIPT = textwrap.dedent("""
     import json, shutil, sys
-    from pixlocal import hub
+    from pixlocal.cli import hub
     from pixlocal.errors import PixlocalError
     name, quant, source, fake_quantizer = sys.argv[1:5]
     events = []
@@ -61,7 +61,7 @@ def hub(tiny_ckpt):
 
 
 def test_pull_reports_events_and_returns_the_path(tiny_registry, tiny_ckpt, hub, tmp_path):
-    from pixlocal.registry import home
+    from pixlocal.config import home
     d = pull(hub.endpoint, tmp_path, quant="none")
     assert d["path"] == str(home() / "big")
     files = [e for e in d["events"] if e["what"] == "file"]
@@ -74,7 +74,7 @@ def test_pull_reports_events_and_returns_the_path(tiny_registry, tiny_ckpt, hub,
 
 
 def test_a_quantized_variant_needs_the_quantizer_passed_in(tiny_registry, hub, tmp_path):
-    from pixlocal.registry import home
+    from pixlocal.config import home
     d = pull(hub.endpoint, tmp_path)  # the default variant is int4
     assert d["error"].startswith("PixlocalError") and "quantize=" in d["error"]
     d = pull(hub.endpoint, tmp_path, quantizer=True)

@@ -10,7 +10,7 @@ import torch
 from pixlocal import kernels
 from pixlocal.kernels import ref
 from pixlocal.qformat import GROUP_SIZES, QTensor, QuantSpec, dequantize
-from pixlocal.quantizer import quantize
+from pixlocal.quant.quantizer import quantize
 
 cpu = pytest.importorskip("pixlocal.kernels.cpu")
 
@@ -244,7 +244,7 @@ def test_uncompiled_kernels_are_known_before_the_first_call(tmp_path):
     import sys
 
     code = ("import sys, torch; from pixlocal.kernels import cpu, jit; from pixlocal.qformat "
-            "import QuantSpec; from pixlocal.quantizer import quantize; "
+            "import QuantSpec; from pixlocal.quant.quantizer import quantize; "
             "print('_gemv' in jit.uncompiled()); "
             "q = cpu.prepare(quantize(torch.randn(32, 64), QuantSpec(4, 32))); "
             "cpu.gemv(torch.randn(1, 64), q); print('_gemv' in jit.uncompiled())")

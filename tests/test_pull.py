@@ -13,7 +13,7 @@ import cli_fixtures
 import pytest
 from hub_server import Hub
 
-from pixlocal.registry import home
+from pixlocal.config import home
 
 tiny_registry = cli_fixtures.tiny_registry  # a fixture
 FILES = ("params.json", "consolidated.safetensors", "tekken.json")
@@ -71,7 +71,7 @@ def test_pull_then_quantize(tiny_registry, hub, tmp_path):
     assert r.returncode == 0, r.stderr
     out = home() / "big-int4"
     assert r.stdout == f"{out}\n" and "quantized" in r.stderr
-    from pixlocal.registry import quant_of, resolve
+    from pixlocal.cli.registry import quant_of, resolve
     assert quant_of(out).startswith("int4") and resolve("big").path == out
 
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from pixlocal import kernels
 from pixlocal import qformat as qf
-from pixlocal import quantizer
+from pixlocal.quant import quantizer
 from pixlocal.errors import FormatError
 from pixlocal.qformat import QTensor, QuantSpec, dequantize, dequantize_ref
-from pixlocal.quantizer import quantize, quantize_ref
+from pixlocal.quant.quantizer import quantize, quantize_ref
 from pixlocal.qlinear import QLinear
 
 GOLDEN = Path(__file__).parent / "golden" / "qformat_layout.json"
@@ -320,7 +320,7 @@ def test_ref_qmatmul(spec):
 @pytest.mark.parametrize("bias", [False, True])
 def test_qlinear_equals_linear_on_dequantized_weight(spec, bias):
     lin = torch.nn.Linear(256, 17, bias=bias)
-    ql = QLinear.from_linear(lin, spec)
+    ql = QLinear.from_qtensor(quantize(lin.weight, spec), lin.bias)
     ref = torch.nn.Linear(256, 17, bias=bias)
     with torch.no_grad():
         ref.weight.copy_(dequantize(ql.qtensor()))

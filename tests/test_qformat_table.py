@@ -16,7 +16,7 @@ from pixlocal.qformat import (
     stored_tensors,
 )
 from pixlocal.qlinear import QLinear
-from pixlocal.quantizer import quantize_ref
+from pixlocal.quant.quantizer import quantize_ref
 
 SPECS = [QuantSpec(b, g) for b in (4, 8) for g in GROUP_SIZES]
 

@@ -10,6 +10,7 @@ from pixlocal import kernels
 from pixlocal.qformat import QuantSpec, dequantize
 from pixlocal.layers import Projections
 from pixlocal.qlinear import Fused, QLinear
+from pixlocal.quant.quantizer import quantize
 
 cpu = pytest.importorskip("pixlocal.kernels.cpu")
 
@@ -23,6 +24,11 @@ PREFILL_F32_RTOL = 1e-5
 BF16_RTOL = 2e-2
 
 
+def from_linear(lin: torch.nn.Linear, spec: QuantSpec, backend: str = "ref") -> QLinear:
+    """A QLinear holding `lin`'s weight quantized with `spec`, and its bias."""
+    return QLinear.from_qtensor(quantize(lin.weight, spec), lin.bias, backend)
+
+
 def _rel(y: torch.Tensor, want: torch.Tensor) -> float:
     return float((y.float() - want.float()).abs().max() / want.float().abs().max())
 
@@ -33,7 +39,7 @@ def _rel(y: torch.Tensor, want: torch.Tensor) -> float:
 def test_cpu_qlinear_matches_ref(spec, bias):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 77, bias=bias)
-    ql_cpu = QLinear.from_linear(lin, spec, backend="cpu")
+    ql_cpu = from_linear(lin, spec, "cpu")
     ql_ref = QLinear.from_qtensor(ql_cpu.qtensor(), lin.bias, backend="ref")
     with torch.no_grad():
         tiles = PREFILL_F32_RTOL if cpu.uses_tiles(80, spec.bits) else DECODE_RTOL  # L=2x40
@@ -50,13 +56,13 @@ def test_cpu_qlinear_matches_ref(spec, bias):
 
 def test_prepared_once_per_buffers():
     spec = QuantSpec(4, 32)
-    ql = QLinear.from_linear(torch.nn.Linear(64, 8, bias=False), spec, backend="cpu")
+    ql = from_linear(torch.nn.Linear(64, 8, bias=False), spec, "cpu")
     x = torch.randn(3, 64)
     y = ql(x)
     first = ql.prepared()
     assert isinstance(first, cpu.CpuQ) and ql.prepared() is first
     # new buffers (load_state_dict with assign) → prepared again, from the new weights
-    other = QLinear.from_linear(torch.nn.Linear(64, 8, bias=False), spec)
+    other = from_linear(torch.nn.Linear(64, 8, bias=False), spec)
     ql.load_state_dict(other.state_dict(), assign=True)
     assert ql.prepared() is not first
     torch.testing.assert_close(ql(x), kernels.qmatmul(x, other.qtensor(), "cpu"))

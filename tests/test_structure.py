@@ -105,11 +105,11 @@ def test_cycle_finder_finds_cycles():
 
 def test_imports_are_resolved_relative_absolute_and_lazy():
     tree = ast.parse("from . import memory, errors\nfrom .qformat import QuantSpec\n"
-                     "def f():\n    from pixlocal.kernels import backend\n    import pixlocal.hub\n"
+                     "def f():\n    from pixlocal.kernels import backend\n    import pixlocal.cli.hub\n"
                      "    from ..cli import models\n")
     assert imports_of("pixlocal.placement", tree) == {
         "pixlocal.memory", "pixlocal.errors", "pixlocal.qformat", "pixlocal.kernels.backend",
-        "pixlocal.hub"}  # ..cli from pixlocal.placement is outside the project: not counted
+        "pixlocal.cli.hub"}  # ..cli from pixlocal.placement is outside the project: not counted
     tree = ast.parse("from .common import err\nfrom . import app\nfrom pixlocal import cli\n")
     assert imports_of("pixlocal.cli.models", tree) == {"pixlocal.cli.common", "pixlocal.cli.app"}
 

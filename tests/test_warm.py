@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pixlocal
-from pixlocal import warm
+from pixlocal.cli import warm
 from pixlocal.cli.app import app
 from pixlocal.kernels import jit
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pixlocal.qformat import FORMAT_VERSION, QuantSpec, dequantize
-from pixlocal.quantizer import quantize_ref
+from pixlocal.quant.quantizer import quantize_ref
 
 PATH = Path(__file__).with_name("qformat_layout.json")
 SCHEMES = ("int4-g32", "int4-g64", "int8-g32", "int8-g64")

@@ -18,9 +18,9 @@ from typing import Any
 
 import tomllib
 
-from .config import home  # PIXLOCAL_HOME (integrity reads it too)
-from .errors import ConfigError, FormatError, ModelNotFound
-from .shards import SafetensorsFile
+from pixlocal.config import home  # PIXLOCAL_HOME (integrity reads it too)
+from pixlocal.errors import ConfigError, FormatError, ModelNotFound
+from pixlocal.shards import SafetensorsFile
 
 
 def _bundled_toml() -> Path:
@@ -224,8 +224,8 @@ def make_synthetic(preset: str, path: Path) -> None:
     or not at all (synthetic.write_checkpoint writes beside it, then renames)."""
     import torch
 
-    from .config import PixtralArgs
-    from .synthetic import write_checkpoint
+    from pixlocal.config import PixtralArgs
+    from pixlocal.synthetic import write_checkpoint
     if preset != "tiny":
         raise ConfigError(f"{registry_file()}: unknown synthetic preset {preset!r} (known: tiny)")
     try:

@@ -2,11 +2,11 @@
 (resumable), then optionally make its quantized variant. Every hub or network failure becomes
 one PixlocalError line; progress goes to a callback as PullEvents (the CLI draws the bars).
 
-    path = pixlocal.hub.pull("pixtral-12b", quant="int4",
-                             quantize=pixlocal.quant.quantize_checkpoint)
+    path = pixlocal.cli.hub.pull("pixtral-12b", quant="int4",
+                                 quantize=pixlocal.quant.quantize_checkpoint)
 
-The engine never imports the quantizer (pixlocal.quant imports pixlocal, not the other way),
-so a caller that wants a quantized variant made passes the function that makes it.
+A caller that wants a quantized variant made passes the function that makes it, so a pull
+without quantization never imports the quantizer.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError, ModelNotFound, PixlocalError
+from pixlocal.errors import ConfigError, ModelNotFound, PixlocalError
+
 from .registry import ModelSpec, Variant, is_downloaded, load_registry
 
 QUANTS = ("int4", "int8", "none")

@@ -19,8 +19,8 @@ from dataclasses import replace
 
 import torch
 
-from .errors import FormatError
-from .qformat import (
+from pixlocal.errors import FormatError
+from pixlocal.qformat import (
     F16_NORMAL,
     INT8_SCALE_DTYPE,
     SCALE_MAX,

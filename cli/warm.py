@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .generate import Pixtral
+    from pixlocal.generate import Pixtral
 
 WARM_TOKENS = 24  # > cpu.PREFILL_MIN (16): the prompt takes the prefill path a chat would
 WARM_STEPS = 3
@@ -27,8 +27,8 @@ WARM_STEPS = 3
 
 def marker(dtype: object, bits: list[int], device: object) -> Path:
     """The file that says this path's kernels were compiled (in the kernel cache)."""
-    from .host import cpu
-    from .kernels import jit
+    from pixlocal.host import cpu
+    from pixlocal.kernels import jit
 
     key = f"{cpu().model}|{sorted(cpu().flags)}|{dtype}|{sorted(bits)}|{device}"
     return jit.cache_dir() / f"warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -42,7 +42,7 @@ def _marker(m: Pixtral) -> Path:
 
 def needs_warmup(m: Pixtral) -> bool:
     """Whether this model's first forward would compile CPU kernels."""
-    from .kernels import jit
+    from pixlocal.kernels import jit
     if not jit.uncompiled():
         return False  # no numba kernel loaded, or all compiled / cached
     return not _marker(m).exists()
@@ -53,7 +53,7 @@ def warmup(m: Pixtral) -> float:
     took. The model's cache is reset after."""
     import torch
 
-    from .prompt import Encoded
+    from pixlocal.prompt import Encoded
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, m.args.vocab_size, (WARM_TOKENS - 1,), generator=g).tolist()
