@@ -53,7 +53,7 @@ class Repl:
     images and the runner's cache)."""
 
     def __init__(self, m: Pixtral, label: str, system: str | None, gen: dict[str, Any]):
-        from pixlocal.generate import ChatSession
+        from pixlocal.session import ChatSession
         self.m, self.label, self.gen = m, label, gen
         self.session = ChatSession(m, system)
 

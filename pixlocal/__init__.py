@@ -34,7 +34,7 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
-_LAZY = {"load": "generate", "Pixtral": "generate", "ChatSession": "generate",
+_LAZY = {"load": "generate", "Pixtral": "generate", "ChatSession": "session",
          "Step": "generate"}
 __all__ = ["load", "Pixtral", "ChatSession", "Step", "PixlocalError", "ModelNotFound",
            "ConfigError", "FormatError", "ImageError", "ContextOverflow", "PromptError",

@@ -1,5 +1,5 @@
 """Generation in tiers (as mlx-lm): `sample` → `generate_step` → `stream` → `generate`, a
-prompt cache, the Pixtral runner (a thin facade) and ChatSession.
+prompt cache and the Pixtral runner (a thin facade); ChatSession is in session.py.
 
 The prompt cache holds one KV cache and the token "keys" it holds. A new request is
 prefilled only from the first position where it differs from what the cache holds, so a
@@ -15,7 +15,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from .checkpoint import Checkpoint, tokenizer_path
 from .config import DEFAULT_CONTEXT, PixtralArgs
 from .errors import ContextOverflow, NonFiniteLogits, PixlocalError
 from .fastdecode import FastDecode
+from .host import available_ram
 from .kernels.backend import is_gpu
 from .kernels.threads import ThreadPolicy
 from .loader import Loaded
@@ -180,12 +181,8 @@ class PromptCache:
     def reusable(self, keys: list[Key]) -> int:
         """Positions of `keys` the cache already holds: the common prefix, less the last
         position (its logits are needed) and never ending inside an image block."""
-        keep = 0
-        for a, b in zip(self.keys, keys, strict=False):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(keys) - 1)
+        n = min(len(self.keys), len(keys))
+        keep = min(next((i for i in range(n) if self.keys[i] != keys[i]), n), len(keys) - 1)
         while keep > 0 and isinstance(keys[keep], tuple) and keys[keep][1] != 0:
             keep -= 1
         return keep
@@ -237,9 +234,8 @@ class Pixtral:
         if images and self.args.vision_encoder is None:
             raise PixlocalError(f"{self.path}: this model has no vision encoder; it cannot "
                                 "take images")
-        return [torch.from_numpy(np.asarray(a, dtype=np.float32)).to(self.vision_device,
-                                                                      self.dtype)
-                for a in images]
+        dev, dt = self.vision_device, self.dtype
+        return [torch.from_numpy(np.asarray(a, dtype=np.float32)).to(dev, dt) for a in images]
 
     @torch.inference_mode()
     def vision_features(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -271,11 +267,9 @@ class Pixtral:
         if n_prompt + max_tokens > limit:
             raise ContextOverflow(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) "
                                   f"exceeds the context window of {limit} tokens")
-        self._check_kv_memory(n_prompt + max_tokens)
-
-    def _check_kv_memory(self, tokens: int) -> None:
         # The CPU cache grows on demand; a request whose cache cannot fit in the RAM still free
         # is refused here, up front, instead of the OS killing the process mid-answer.
+        tokens = n_prompt + max_tokens
         kv = self.cache.kv
         if kv is not None and tokens <= kv.capacity:
             return  # allocated already
@@ -296,9 +290,9 @@ class Pixtral:
         """Run the uncached suffix of enc; returns (last logits (V,), tokens computed)."""
         keys = keys_of(enc, self.encoder.img_id, self.encoder.img_break_id)
         keep = self.cache.reusable(keys)
-        # images whose first [IMG] lies at or after `keep` need encoding
-        starts = [i for i, k in enumerate(keys) if isinstance(k, tuple) and k[1] == 0]
-        rows = self._rows(enc.images[sum(1 for s in starts if s < keep):])
+        # images whose first [IMG] lies before `keep` are cached; the others need encoding
+        cached = sum(1 for k in keys[:keep] if isinstance(k, tuple) and k[1] == 0)
+        rows = self._rows(enc.images[cached:])
         kv = self.cache.ensure(len(keys))
         self.threads.use()
         self.cache.keys = keys[:keep]
@@ -341,149 +335,7 @@ class Pixtral:
         return stream(self, self.encode(messages), **kw)
 
     def generate(self, messages: list[dict[str, Any]], **kw: Any) -> str:
-        return "".join(s.text for s in self.stream(messages, **kw))
-
-
-@dataclass
-class Turn:
-    """One exchange: the user's text, the images that went with it as (source, image), the
-    answer and its figures."""
-    text: str | list[dict[str, Any]]
-    images: list[tuple[str, Any]] = field(default_factory=list)
-    answer: str = ""
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def user_content(self, sources: bool = False) -> str | list[dict[str, Any]]:
-        """The user message's content; `sources`: images by source and always a list (the
-        saved form)."""
-        if not self.images and not sources:
-            return self.text
-        text = [{"type": "text", "text": self.text}] if isinstance(self.text, str) else self.text
-        return [{"type": "image", "image": src if sources else im}
-                for src, im in self.images] + text
-
-
-class ChatSession:
-    """A multi-turn conversation that keeps the KV cache between turns. Images attached with
-    `attach` go with the next message. A turn joins the history only with an answer; a turn
-    that fails (ContextOverflow, a bad image, any error) or stops before any answer leaves
-    the history and the attached images as they were."""
-
-    def __init__(self, model: Pixtral, system: str | None = None):
-        self.model, self.system = model, system
-        self.turns: list[Turn] = []
-        self.pending: list[tuple[str, Any]] = []
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        """The conversation so far as chat messages (system prompt not included)."""
-        out: list[dict[str, Any]] = []
-        for t in self.turns:
-            out += [{"role": "user", "content": t.user_content()},
-                    {"role": "assistant", "content": t.answer}]
-        return out
-
-    @property
-    def context_tokens(self) -> int:
-        """Tokens the conversation held after the last answer."""
-        return self.turns[-1].stats.get("context_tokens", 0) if self.turns else 0
-
-    def attach(self, source: str, image: Any = None) -> None:
-        """An image (path, URL or data URI; decoded already, or opened here) for the next
-        message."""
-        if image is None:
-            from .images import load_image
-            image = load_image(source)
-        self.pending.append((source, image))
-
-    def reset(self) -> None:
-        self.turns, self.pending = [], []
-        self.model.reset()
-
-    def encode(self, content: str | list[dict[str, Any]]) -> Encoded:
-        """The whole conversation with `content` (and the attached images) as the next turn."""
-        new = Turn(content, list(self.pending))
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return self.model.encode(msgs + self.messages
-                                 + [{"role": "user", "content": new.user_content()}])
-
-    def send(self, content: str | list[dict[str, Any]], *, enc: Encoded | None = None,
-             **kw: Any) -> Iterator[Step]:
-        """Add a user turn and stream the answer (Pixtral.stream's keywords); the turn joins
-        the history when done, or with its partial answer when the caller stops iterating
-        (stats["interrupted"]). `enc`: this turn's encode(), if the caller made it already."""
-        turn = Turn(content, list(self.pending))
-        enc = enc if enc is not None else self.encode(content)
-        before = self.model.images_encoded
-        parts: list[str] = []
-        last: Step | None = None
-        done = False
-        try:
-            for last in self.model.stream_encoded(enc, **kw):
-                parts.append(last.text)
-                yield last
-            done = True
-        finally:
-            turn.answer = "".join(parts)
-            if turn.answer.strip() and last is not None:
-                turn.stats = {"prompt_tokens": len(enc.tokens),
-                              "prefilled_tokens": last.prefilled_tokens,
-                              "generated_tokens": last.index + 1,
-                              "images_encoded": self.model.images_encoded - before,
-                              "interrupted": not done,
-                              "context_tokens": len(enc.tokens) + last.index + 1}
-                self.turns.append(turn)
-                self.pending = self.pending[len(turn.images):]
-
-    def save(self, label: str | None = None) -> dict[str, Any]:
-        """The conversation as JSON-able data: messages (images by source, each answer with
-        its stats) and totals. `load` reads it back."""
-        msgs: list[dict[str, Any]] = ([{"role": "system", "content": self.system}]
-                                      if self.system else [])
-        for t in self.turns:
-            stats = {k: v for k, v in t.stats.items() if k != "context_tokens"}
-            msgs += [{"role": "user", "content": t.user_content(sources=True)},
-                     {"role": "assistant", "content": t.answer, "stats": stats}]
-        return {"model": label, "messages": msgs,
-                "stats": {"images_encoded": self.model.images_encoded,
-                          "context_tokens": self.context_tokens,
-                          "context_limit": self.model.context_limit}}
-
-    def load(self, saved: dict[str, Any]) -> None:
-        """Replace the conversation with one `save` wrote (images are opened again from their
-        sources). PromptError for data of another shape; the session is unchanged then."""
-        from .errors import PromptError
-        from .images import load_image
-        try:
-            msgs = list(saved["messages"])
-            system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
-            turns = []
-            for u, a in zip(msgs[::2], msgs[1::2], strict=True):
-                assert u["role"] == "user" and a["role"] == "assistant"
-                content = u["content"]
-                images = [(c["image"], load_image(c["image"])) for c in content
-                          if isinstance(c, dict) and c.get("type") == "image"] \
-                    if isinstance(content, list) else []
-                text = content if not images else [c for c in content if c.get("type") != "image"]
-                if isinstance(text, list) and len(text) == 1 and text[0].get("type") == "text":
-                    text = text[0]["text"]
-                turns.append(Turn(text, images, a["content"], dict(a.get("stats") or {})))
-        except (KeyError, TypeError, ValueError, AssertionError, AttributeError) as e:
-            raise PromptError(f"not a saved conversation ({type(e).__name__}: {e})") from None
-        self.system, self.turns, self.pending = system, turns, []
-        self.model.reset()
-
-
-def available_ram() -> int | None:
-    """Bytes of RAM the kernel can hand out now (MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return generate(self, self.encode(messages), **kw)
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto",

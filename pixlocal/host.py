@@ -1,5 +1,6 @@
-"""Facts about the host, read once: the CPU (model name, flags, physical cores), the cores
-this process may actually use (affinity and cgroup quota), and the thread count asked for.
+"""Facts about the host: the CPU (model name, flags, physical cores; read once), the cores
+this process may actually use (affinity and cgroup quota), the thread count asked for, and
+the RAM free now.
 
 No torch or numba here: `pixlocal doctor` and the kernels both read it."""
 
@@ -94,3 +95,15 @@ def requested_threads(n: int | None = None) -> int | None:
         raise ConfigError(f"PIXLOCAL_THREADS={env!r} is not a positive integer "
                           "(unset it to choose from the free cores)")
     return int(env)
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the kernel can hand out now (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
