@@ -8,11 +8,10 @@ import resource
 import statistics
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .common import err, out, user_errors
 from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
@@ -20,12 +19,34 @@ from .common import (
     GpuLayersOpt,
     MaxVramOpt,
     ThreadsOpt,
+    err,
+    out,
     placement_kw,
+    user_errors,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
+
+
+def decode_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every decoder layer, the final norm and the
+    output head (the vision tower and the embedding table are not touched; one embedding row
+    is negligible). A tensor held in two places counts once."""
+    seen: set[int] = set()
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith(("vision_encoder.", "vision_language_adapter.", "tok_embeddings.")):
+            continue
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
 
 
 def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, reps: int,
@@ -36,7 +57,6 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
 
     import pixlocal
     from pixlocal.generate import generate_step, make_sampler
-    from pixlocal.memory import decode_bytes_per_token
     from pixlocal.prompt import Encoded
 
     t0 = time.perf_counter()

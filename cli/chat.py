@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-
 from rich.markup import escape
 
-from .common import err, error_line, user_errors
 from .common import (
     DEFAULT_CONTEXT,
     ContextOpt,
@@ -29,8 +27,11 @@ from .common import (
     MaxVramOpt,
     ModelOpt,
     ThreadsOpt,
+    err,
+    error_line,
     load_model,
     stats_line,
+    user_errors,
 )
 
 if TYPE_CHECKING:

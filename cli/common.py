@@ -131,6 +131,7 @@ def load_model(ref: str | None, *, device: str, dtype: str, max_image_size: int 
                ) -> tuple[Pixtral, float, str]:
     """Resolve --model and load it under a spinner: (model, load seconds, label)."""
     import pixlocal
+
     from .registry import resolve
 
     kw = placement_kw(gpu_layers, max_vram, context)
@@ -155,6 +156,7 @@ def compile_kernels(m: Pixtral) -> float | None:
     import threading
 
     from pixlocal.kernels import jit
+
     from .warm import needs_warmup, warmup
 
     if not needs_warmup(m):

@@ -5,15 +5,18 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from pixlocal.config import DEFAULT_CONTEXT
-from .units import human_bytes
 
 from .common import check_device, err, user_errors
 from .common import out as out_console
+from .units import human_bytes
+
+if TYPE_CHECKING:
+    from pixlocal.placement import Plan
 
 _CPU_KERNELS = {"cpu": "numba GEMV / dequant tile + GEMM"}  # what each backend runs, by name
 _FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI",
@@ -94,8 +97,9 @@ def gather(device: str, gpu_layers: str, max_vram: float | None, model: str | No
     layers: int | str = "auto" if gpu_layers == "auto" else int(gpu_layers)
     if model is not None:
         from pixlocal.checkpoint import open_checkpoint
-        from pixlocal.loader import args_of, resolve_dir
-        args = args_of(model)
+        from pixlocal.config import read_args
+        from pixlocal.loader import resolve_dir
+        args = read_args(resolve_dir(model))
         sizes = memory.checkpoint_bytes(open_checkpoint(resolve_dir(model), args),
                                         torch.bfloat16)
         what = str(model)
@@ -107,8 +111,39 @@ def gather(device: str, gpu_layers: str, max_vram: float | None, model: str | No
     plan = placement.plan(args, sizes, free_b, min(context, args.max_seq_len),
                           memory.image_tokens(args), layers,  # type: ignore[arg-type]
                           None if max_vram is None else int(max_vram * placement.GiB))
-    info["plan"] = {"model": what, "gpu_layers": plan.gpu_layers, "text": plan.describe()}
+    info["plan"] = {"model": what, "gpu_layers": plan.gpu_layers, "text": describe_plan(plan)}
     return info
+
+
+def describe_plan(plan: Plan) -> str:
+    """A plan in a few lines (what goes where, and the bytes), for `doctor` to print."""
+    from pixlocal.placement import GPU, GiB
+
+    n, g = plan.n_layers, plan.gpu_layers
+
+    def fmt(b: int) -> str:
+        return f"{b / GiB:.2f} GiB"
+    layer = max((b for p, b in plan.weights.items() if p.startswith("layers.")), default=0)
+    lines = [f"context {plan.context_len} tokens, largest image {plan.image_patches} "
+             f"patches; KV cache {fmt(plan.kv_per_layer * n)} "
+             f"({fmt(plan.kv_per_layer)}/layer), one decoder layer {fmt(layer)}"]
+    if plan.free_vram is None:
+        lines.append(f"no CUDA device: everything on the CPU ({fmt(plan.cpu_bytes)} of "
+                     "weights + KV cache)")
+        return "\n".join(lines)
+    span = "none" if not g else f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0])
+    others = ", ".join(p for p in ("vision", "output", "embeddings")
+                       if plan.on_gpu(p)) or "nothing else"
+    w, kv = plan.bytes_on(GPU)
+    lines += [f"GPU: {len(g)}/{n} decoder layers ({span}) + {others}; weights {fmt(w)} + "
+              f"KV {fmt(kv)} + activations {fmt(plan.activations)} = "
+              f"{fmt(plan.gpu_bytes)} of {fmt(plan.budget)} usable "
+              f"({fmt(plan.free_vram)} free, margin {fmt(plan.margin)})",
+              f"CPU: {n - len(g)} decoder layers + "
+              + (", ".join(p for p, d in plan.devices.items()
+                           if not plan.on_gpu(p) and not p.startswith("layers.")) or "nothing")
+              + f"; {fmt(plan.cpu_bytes)} of weights + KV cache"]
+    return "\n".join(lines)
 
 
 def _size(b: int | None) -> str:

@@ -13,17 +13,31 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .units import human_bytes as human
-
 from .common import err, escape, user_errors
 from .common import out as out_console
+from .units import human_bytes as human
 
 if TYPE_CHECKING:
+    from pixlocal.config import PixtralArgs
+
     from .hub import PullEvent
 
 
 def _out() -> Console:
     return out_console()  # stdout as it is now; unwrapped when it is not a terminal
+
+
+def load_estimate(model_dir: Path, args: PixtralArgs, quantized: bool, params: int,
+                  context: int) -> dict[str, int]:
+    """`pixlocal info`'s memory line: weights (a quantized dir's shard files as they are;
+    unquantized weights load as bfloat16, 2 bytes each) + the KV cache for `context` tokens."""
+    weights = (sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+               if quantized else 2 * params)
+    from pixlocal.memory import kv_bytes_per_token
+
+    kv = kv_bytes_per_token(args) * context
+    return {"context": context, "weights_bytes": weights, "kv_cache_bytes": kv,
+            "kv_bytes_per_token": kv_bytes_per_token(args), "total_bytes": weights + kv}
 
 
 # ---- models ------------------------------------------------------------------------------
@@ -154,7 +168,8 @@ def pull(
 # ---- info --------------------------------------------------------------------------------
 def _info(path: Path, context: int) -> dict[str, Any]:
     from pixlocal.config import read_args
-    from pixlocal.memory import load_estimate, param_counts
+    from pixlocal.memory import param_counts
+
     from .registry import dir_size, quant_of
     args = read_args(path)
     counts = param_counts(args)
@@ -225,6 +240,7 @@ def rm(
     """Delete a downloaded model (a registered one; never an arbitrary directory)."""
     with user_errors():
         from pixlocal.errors import ModelNotFound
+
         from .registry import dir_size, load_registry
         reg = load_registry()
         spec, variant = reg.lookup(model)

@@ -9,9 +9,8 @@ from typing import Annotated
 
 import typer
 
-from .units import human_bytes as _human
-
 from .common import err, escape, user_errors
+from .units import human_bytes as _human
 
 
 def _choice(*allowed: int):
@@ -56,9 +55,10 @@ def quantize(
     """Quantize a checkpoint: decoder linears int4 (or int8), embeddings and output head int8,
     vision bf16, norms as stored. Progress on stderr; the output dir is printed on stdout."""
     with user_errors():
-        from pixlocal.errors import PixlocalError
         from pixlocal.quant import quantize_checkpoint
         from rich.table import Table
+
+        from pixlocal.errors import PixlocalError
 
         parent = out.absolute().parent
         if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):

@@ -21,6 +21,7 @@ def precompile(device: str = "cpu", dtype: str = "auto") -> float | None:
     from pixlocal.config import PixtralArgs
     from pixlocal.kernels.backend import CpuBackend, for_device, parse_device
     from pixlocal.loader import parse_dtype
+
     from .warm import marker
 
     dev = parse_device(device)
@@ -28,6 +29,7 @@ def precompile(device: str = "cpu", dtype: str = "auto") -> float | None:
             marker(parse_dtype(dtype, dev), [4, 8], dev).exists():
         return None  # no numba kernels on this path, or compiled before
     from pixlocal.quant import quantize_checkpoint
+
     from pixlocal.synthetic import write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="pixlocal-warmup-") as tmp:
@@ -50,6 +52,7 @@ def warmup(
     with user_errors():
         if model is not None:
             import pixlocal
+
             from .registry import resolve
             r = resolve(model)
             with err.status(f"loading {escape(r.label)} …"):

@@ -91,15 +91,13 @@ def mistral_to_hf_name(name: str) -> str:
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Interleaved-pair rows (Mistral) -> rotate-half rows (HF), per head. w: (n_heads*d, in)."""
     rows, cols = w.shape
-    d = rows // n_heads
-    return w.view(n_heads, d // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rotate-half rows (HF) -> interleaved-pair rows (Mistral), per head."""
     rows, cols = w.shape
-    d = rows // n_heads
-    return w.view(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def rope_heads(name: str, args: PixtralArgs) -> int | None:

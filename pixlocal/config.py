@@ -25,14 +25,12 @@ def home() -> Path:
 
 # defaults of transformers' PixtralVisionConfig / MistralConfig, used only for HF configs,
 # whose files omit keys equal to the class default (as transformers itself reads them)
-_HF_VISION_DEFAULTS = dict(
+_HF_VISION_DEFAULTS = dict(  # also the keys VisionArgs shares with a vision_config
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    num_channels=3, image_size=1024, patch_size=16, rope_theta=10000.0,
-)
+    num_channels=3, image_size=1024, patch_size=16, rope_theta=10000.0)
 _HF_TEXT_DEFAULTS = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000,
-)
+    num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=32000)
 
 
 @dataclass(frozen=True)
@@ -111,15 +109,10 @@ class PixtralArgs:
             raise ConfigError(f"{source}: vision_config.hidden_act is {act!r}; "
                               "Pixtral needs 'silu'")
         heads = t["num_attention_heads"]
-        vision = VisionArgs(
-            hidden_size=v["hidden_size"], num_channels=v["num_channels"],
-            image_size=v["image_size"], patch_size=v["patch_size"],
-            rope_theta=float(v["rope_theta"]), intermediate_size=v["intermediate_size"],
-            num_hidden_layers=v["num_hidden_layers"],
-            num_attention_heads=v["num_attention_heads"],
-            image_token_id=d.get("image_token_index", 10),
-            adapter_bias=d.get("multimodal_projector_bias", True),
-        )
+        vision = VisionArgs(**{**{k: v[k] for k in _HF_VISION_DEFAULTS},
+                               "rope_theta": float(v["rope_theta"])},
+                            image_token_id=d.get("image_token_index", 10),
+                            adapter_bias=d.get("multimodal_projector_bias", True))
         args = cls(
             dim=t["hidden_size"], n_layers=t["num_hidden_layers"],
             head_dim=t.get("head_dim") or t["hidden_size"] // heads,
@@ -127,8 +120,7 @@ class PixtralArgs:
             n_kv_heads=t["num_key_value_heads"], norm_eps=float(t["rms_norm_eps"]),
             vocab_size=t["vocab_size"], rope_theta=float(t["rope_theta"]),
             max_seq_len=min(int(t.get("max_position_embeddings", 128_000)), 128_000),
-            vision_encoder=vision,
-        )
+            vision_encoder=vision)
         return _checked(args, source)
 
     def to_hf_config(self) -> dict[str, Any]:

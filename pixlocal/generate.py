@@ -215,7 +215,7 @@ class Pixtral:
         self.dtype: torch.dtype = loaded.dtype
         self.device = loaded.devices["embeddings"]  # where token ids go
         self.vision_device = loaded.devices.get("vision", self.device)
-        self.context_len = loaded.context_len
+        self.context_len = loaded.plan.context_len
         self.fast_decode: FastDecode | None = loaded.fast_decode
         self.layer_devices = [loaded.devices[f"layers.{i}"] for i in range(self.args.n_layers)]
         self.cache = PromptCache(self.args, self.dtype, self.layer_devices, self.context_limit)

@@ -41,13 +41,8 @@ _MAGIC = (
 )  # fmt: skip
 
 
-def load_image(
-    src: ImageSource,
-    *,
-    timeout: float = 30.0,
-    max_bytes: int | None = None,
-    max_pixels: int | None = None,
-) -> Image.Image:
+def load_image(src: ImageSource, *, timeout: float = 30.0, max_bytes: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
     """Load and fully decode an image.
 
     Args:
@@ -153,9 +148,8 @@ def _read_data_uri(uri: str, max_bytes: int) -> tuple[bytes, str]:
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     # urllib would also follow redirects to ftp://; an image URL has no business going there.
-    def redirect_request(
-        self, req: Any, fp: Any, code: int, msg: str, hdrs: Any, newurl: str
-    ) -> Any:
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, hdrs: Any,
+                         newurl: str) -> Any:
         if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
             fp.close()  # urllib only closes the redirect response when we return a request
             raise urllib.error.URLError(f"redirected to a non-http URL {_one_line(newurl, 200)}")
@@ -163,9 +157,8 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _fetch(url: str, name: str, timeout: float, max_bytes: int) -> bytes:
-    request = urllib.request.Request(
-        url, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"}
-    )
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT,
+                                                   "Accept": "image/*,*/*;q=0.5"})
     opener = urllib.request.build_opener(_HttpOnlyRedirects)
     try:
         with opener.open(request, timeout=timeout) as response:
@@ -244,10 +237,9 @@ def _decode_quietly(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(_unreadable(name, kind, data, e)) from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
-            f"{name}: too many pixels ({width}x{height} = {width * height:,}; "
-            f"the limit is {max_pixels:,}, set by max_pixels or $PIXLOCAL_MAX_PIXELS)"
-        )
+        raise ImageError(f"{name}: too many pixels ({width}x{height} = {width * height:,}; "
+                         f"the limit is {max_pixels:,}, set by max_pixels or "
+                         "$PIXLOCAL_MAX_PIXELS)")
     try:
         image.load()  # the first frame of an animation; truncated files fail here, not later
     except Exception as e:

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import kernels
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import DEFAULT_CONTEXT, PixtralArgs, read_args
+from .config import DEFAULT_CONTEXT, read_args
 from .errors import FormatError, ModelNotFound, PixlocalError
 from .fastdecode import FastDecode, build
 from .kernels.backend import Backend, for_device, free_vram, get, is_gpu, parse_device
@@ -87,10 +87,6 @@ class Loaded:
     dtype: torch.dtype
     devices: dict[str, torch.device]  # plan part → the device it was built on
     fast_decode: FastDecode | None
-
-    @property
-    def context_len(self) -> int:
-        return self.plan.context_len
 
 
 def load(path: str | Path, device: str | torch.device = "auto",
@@ -223,7 +219,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def _config_name(model_dir: Path) -> str:
     return "params.json" if (model_dir / "params.json").is_file() else "config.json"
-
-
-def args_of(path: str | Path) -> PixtralArgs:
-    return read_args(resolve_dir(path))

@@ -1,6 +1,7 @@
 """Memory arithmetic, one place: bytes of weights (from checkpoint headers or from shapes alone),
 KV cache per layer and per token, the activation reserve of a prefill, and what a decode step
-reads. placement plans with these figures; `info`, `doctor` and `bench` print them.
+reads. placement plans with these figures; `info` (cli/models.py), `doctor` and `bench` print
+them and what they compose of them.
 
 Weights count as they sit in memory once loaded: quantized tensors as stored (qformat.SCHEMES),
 every other tensor in the load dtype. The KV cache holds k and v, (n_kv_heads, head_dim) per
@@ -13,7 +14,6 @@ or causal).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -110,30 +110,3 @@ def activation_bytes(args: PixtralArgs, context_len: int, image_patches: int,
     dec = L * (3 * F * itemsize + F * 4 + 4 * D * 4 + args.n_heads * args.head_dim * 4) \
         + args.vocab_size * 4 + tile
     return vis, dec
-
-
-def load_estimate(model_dir: Path, args: PixtralArgs, quantized: bool, params: int,
-                  context: int) -> dict[str, int]:
-    """`pixlocal info`'s memory line: weights (a quantized dir's shard files as they are;
-    unquantized weights load as bfloat16, 2 bytes each) + the KV cache for `context` tokens."""
-    weights = (sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-               if quantized else 2 * params)
-    kv = kv_bytes_per_token(args) * context
-    return {"context": context, "weights_bytes": weights, "kv_cache_bytes": kv,
-            "kv_bytes_per_token": kv_bytes_per_token(args), "total_bytes": weights + kv}
-
-
-def decode_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every decoder layer, the final norm and the
-    output head (the vision tower and the embedding table are not touched; one embedding row
-    is negligible). A tensor held in two places counts once."""
-    seen: set[int] = set()
-    total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith(("vision_encoder.", "vision_language_adapter.", "tok_embeddings.")):
-            continue
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total

@@ -30,13 +30,7 @@ from torch import nn
 
 from .config import PixtralArgs
 from .errors import PixlocalError
-from .memory import (  # noqa: F401  (the plan's figures, re-exported for its callers)
-    activation_bytes,
-    checkpoint_bytes,
-    estimate_bytes,
-    image_tokens,
-    kv_bytes_per_layer,
-)
+from .memory import activation_bytes, kv_bytes_per_layer
 
 GiB, MiB = 1 << 30, 1 << 20
 MARGIN_FIXED = 256 * MiB  # allocator fragmentation, cuBLAS workspace, the learnt perms
@@ -80,13 +74,11 @@ class Plan:
     def gpu_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.on_gpu(f"layers.{i}")]
 
-    def device_of(self, part: str) -> str:
-        return self.devices[part]
-
     def on_gpu(self, part: str) -> bool:
         return self.devices.get(part) == GPU
 
-    def _on(self, dev: str) -> tuple[int, int]:
+    def bytes_on(self, dev: str) -> tuple[int, int]:
+        """(weights, KV cache) bytes on `dev` (CPU or GPU)."""
         w = sum(b for p, b in self.weights.items() if self.devices[p] == dev)
         kv = self.kv_per_layer * sum(self.devices[f"layers.{i}"] == dev
                                      for i in range(self.n_layers))
@@ -94,39 +86,12 @@ class Plan:
 
     @property
     def gpu_bytes(self) -> int:
-        w, kv = self._on(GPU)
+        w, kv = self.bytes_on(GPU)
         return w + kv + self.activations
 
     @property
     def cpu_bytes(self) -> int:
-        return sum(self._on(CPU))
-
-    def describe(self) -> str:
-        """A few lines for `pixlocal info` / `pixlocal doctor`."""
-        n, g = self.n_layers, self.gpu_layers
-        def fmt(b: int) -> str:
-            return f"{b / GiB:.2f} GiB"
-        layer = max((b for p, b in self.weights.items() if p.startswith("layers.")), default=0)
-        lines = [f"context {self.context_len} tokens, largest image {self.image_patches} "
-                 f"patches; KV cache {fmt(self.kv_per_layer * n)} "
-                 f"({fmt(self.kv_per_layer)}/layer), one decoder layer {fmt(layer)}"]
-        if self.free_vram is None:
-            lines.append(f"no CUDA device: everything on the CPU ({fmt(self.cpu_bytes)} of "
-                         "weights + KV cache)")
-            return "\n".join(lines)
-        span = "none" if not g else f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0])
-        others = ", ".join(p for p in ("vision", "output", "embeddings")
-                           if self.on_gpu(p)) or "nothing else"
-        w, kv = self._on(GPU)
-        lines += [f"GPU: {len(g)}/{n} decoder layers ({span}) + {others}; weights {fmt(w)} + "
-                  f"KV {fmt(kv)} + activations {fmt(self.activations)} = "
-                  f"{fmt(self.gpu_bytes)} of {fmt(self.budget)} usable "
-                  f"({fmt(self.free_vram)} free, margin {fmt(self.margin)})",
-                  f"CPU: {n - len(g)} decoder layers + "
-                  + (", ".join(p for p, d in self.devices.items()
-                               if not self.on_gpu(p) and not p.startswith("layers.")) or "nothing")
-                  + f"; {fmt(self.cpu_bytes)} of weights + KV cache"]
-        return "\n".join(lines)
+        return sum(self.bytes_on(CPU))
 
 
 def plan(args: PixtralArgs, tensor_bytes: Mapping[str, int], free_vram: int | None,
@@ -208,12 +173,3 @@ def _mover(dev: torch.device):  # noqa: ANN202
     def move(_mod: nn.Module, args: tuple) -> tuple:  # (h, freqs_cis, layer, cache, start)
         return tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args)
     return move
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter or buffer (CPU for an empty module)."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")

@@ -126,9 +126,8 @@ class PromptEncoder:
         encoder = self._image_encoder(f"{path}: max_image_size")
         config = encoder.image_config
         if size > config.max_image_size:  # the vision encoder never saw larger images
-            raise PixlocalError(
-                f"max_image_size must be at most {config.max_image_size} for this model, got {size}"
-            )
+            raise PixlocalError(f"max_image_size must be at most {config.max_image_size} for "
+                                f"this model, got {size}")
         encoder.image_config = dataclasses.replace(config, max_image_size=size)
 
 
@@ -173,18 +172,15 @@ def _to_mistral(messages: Sequence[Message]) -> list[ChatMessage]:
     last = len(messages) - 1
     role = messages[last].get("role") if isinstance(messages[last], Mapping) else None
     if role in ROLES and role not in ("user", "assistant"):  # checked before fetching any image
-        raise PromptError(
-            f"messages[{last}]: the last message must be the user's "
-            f"(or the assistant's, to continue it), not {role!r}"
-        )
+        raise PromptError(f"messages[{last}]: the last message must be the user's "
+                          f"(or the assistant's, to continue it), not {role!r}")
     return [_to_message(m, f"messages[{i}]", i == last) for i, m in enumerate(messages)]
 
 
 def _to_message(message: Message, where: str, is_last: bool) -> ChatMessage:
     if not isinstance(message, Mapping):
-        raise PromptError(
-            f"{where}: expected a dict with 'role' and 'content', not {message!r:.50}"
-        )
+        raise PromptError(f"{where}: expected a dict with 'role' and 'content', not "
+                          f"{message!r:.50}")
     role = message.get("role")
     if role not in ROLES:
         raise PromptError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -230,12 +226,8 @@ def _to_chunk(chunk: object, where: str, images: bool) -> TextChunk | ImageChunk
 
 
 def _has_images(messages: list[ChatMessage]) -> bool:
-    return any(
-        isinstance(chunk, ImageChunk)
-        for message in messages
-        if isinstance(message.content, list)
-        for chunk in message.content
-    )
+    return any(isinstance(chunk, ImageChunk) for message in messages
+               if isinstance(message.content, list) for chunk in message.content)
 
 
 def _first_line(error: BaseException) -> str:

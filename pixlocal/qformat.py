@@ -279,15 +279,6 @@ def unpack_int4(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat([b & 0x0F, b >> 4], dim=2).reshape(M, 2 * K2)
 
 
-def group_scale_min(q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """float32 (scale, min) per group, (M, K // G) each, so w = scale * q + min (int4) or
-    w = scale * q (int8, min None), both exact: what a kernel multiplies by."""
-    if q.zeros is None:
-        return q.scales.float(), None
-    s = decode_scales(q.scales)
-    return s, -s * q.zeros.float() / 16
-
-
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """QTensor → dense (M, K) weight in `dtype` (exact in float32: see the module docstring)."""
     M, K = q.shape

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -47,20 +48,14 @@ def _std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
         return 0.0, 0.02
     if name == "tok_embeddings.weight":
         return 0.0, 1.0
-    fan_in = 1
-    for n in shape[1:]:
-        fan_in *= n
-    return 0.0, fan_in ** -0.5
+    return 0.0, math.prod(shape[1:]) ** -0.5  # 1 / sqrt(fan_in)
 
 
 def _chunks(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype):
     """The tensor's values as row blocks (deterministic in seed, name and _CHUNK)."""
     mean, std = _std(name, shape)
     rows = shape[0]
-    per_row = 1
-    for n in shape[1:]:
-        per_row *= n
-    step = max(1, _CHUNK // per_row)
+    step = max(1, _CHUNK // math.prod(shape[1:]))
     for i, r0 in enumerate(range(0, rows, step)):
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()) + i)
         n = min(step, rows - r0)
@@ -73,10 +68,7 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) ->
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for s in shape:
-        n *= s
-    return n
+    return math.prod(shape) * dtype.itemsize
 
 
 def _write_mistral(tmp: Path, args: PixtralArgs, dtype: torch.dtype, seed: int,

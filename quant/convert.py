@@ -45,9 +45,9 @@ from pixlocal.qformat import (
     make_metadata,
     stored_tensors,
 )
-from .quantizer import quantize
 from pixlocal.shards import StreamingWriter
 
+from .quantizer import quantize
 from .recipe import Recipe, Target, describe, kind_of
 
 SHARD_BYTES = 2_000_000_000

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from pixlocal import memory, placement
+from pixlocal.cli.bench import decode_bytes_per_token
+from pixlocal.cli.doctor import describe_plan
 from pixlocal.config import PixtralArgs
 from pixlocal.qformat import QuantSpec
 
@@ -61,7 +63,7 @@ def test_kv_activation_and_params_pinned():
     assert memory.param_counts(TINY) == {"decoder": 16851264, "vision": 39648}
 
 
-PLANS = {  # free VRAM → (describe(), gpu_bytes, cpu_bytes), 12B int4-g32, 32768 tokens
+PLANS = {  # free VRAM → (describe_plan(), gpu_bytes, cpu_bytes), 12B int4-g32, 32768 tokens
     None: ("context 32768 tokens, largest image 4096 patches; KV cache 5.00 GiB (0.12 GiB/layer)"
            ", one decoder layer 0.14 GiB\nno CUDA device: everything on the CPU (12.85 GiB of "
            "weights + KV cache)", 0, 13799686144),
@@ -82,7 +84,7 @@ PLANS = {  # free VRAM → (describe(), gpu_bytes, cpu_bytes), 12B int4-g32, 327
 def test_plan_figures_pinned(free):
     e = memory.estimate_bytes(A12, QuantSpec(4, 32))
     p = placement.plan(A12, e, free, 32768, memory.image_tokens(A12))
-    assert (p.describe(), p.gpu_bytes, p.cpu_bytes) == PLANS[free]
+    assert (describe_plan(p), p.gpu_bytes, p.cpu_bytes) == PLANS[free]
 
 
 def test_checkpoint_bytes_of_a_quantized_dir_match_the_estimate(tmp_path):
@@ -109,4 +111,4 @@ def test_decode_bytes_per_token_counts_shared_tensors_once():
     m.output.register_buffer("b", t)
     m.output.register_buffer("none", None)
     m.vision_encoder = nn.Linear(8, 8)  # skipped: not touched by decode
-    assert memory.decode_bytes_per_token(m) == 4 * (12 + 3 + 6 + 5)
+    assert decode_bytes_per_token(m) == 4 * (12 + 3 + 6 + 5)

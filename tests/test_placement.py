@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
-from pixlocal import placement
+from pixlocal import memory, placement
 from pixlocal.qlinear import QLinear
+from pixlocal.cli.doctor import describe_plan
 from pixlocal.config import PixtralArgs
 from pixlocal.errors import ContextOverflow, PixlocalError
 from pixlocal.qformat import QuantSpec
@@ -20,7 +21,7 @@ A12 = PixtralArgs.pixtral_12b()
 
 @pytest.fixture(scope="module")
 def int4_12b() -> dict[str, int]:
-    return placement.estimate_bytes(A12, QuantSpec(4, 32))
+    return memory.estimate_bytes(A12, QuantSpec(4, 32))
 
 
 def test_12b_int4_estimate_is_what_the_format_says(int4_12b):
@@ -34,7 +35,7 @@ def test_12b_int4_estimate_is_what_the_format_says(int4_12b):
 
 def test_8gb_card_runs_int4_12b_partially(int4_12b):
     free = int(7.4 * GiB)  # what an 8 GB card reports free with a desktop on it
-    p = placement.plan(A12, int4_12b, free, 8192, placement.image_tokens(A12))
+    p = placement.plan(A12, int4_12b, free, 8192, memory.image_tokens(A12))
     assert 15 <= len(p.gpu_layers) < 40
     assert p.gpu_layers == list(range(40 - len(p.gpu_layers), 40))  # the last layers
     assert p.devices["vision"] == "cuda" and p.devices["embeddings"] == "cpu"
@@ -43,7 +44,7 @@ def test_8gb_card_runs_int4_12b_partially(int4_12b):
     # one more layer would not have fitted
     more = placement.plan(A12, int4_12b, free + 1 * GiB, 8192, 4096)
     assert len(more.gpu_layers) > len(p.gpu_layers)
-    text = p.describe()
+    text = describe_plan(p)
     assert f"{len(p.gpu_layers)}/40 decoder layers" in text and "GiB free" in text
 
 
@@ -76,7 +77,7 @@ def test_explicit_gpu_layers_that_do_not_fit_are_refused_with_a_count_that_does(
 def test_no_cuda_means_everything_on_the_cpu(int4_12b):
     p = placement.plan(A12, int4_12b, None, 8192, 4096)
     assert set(p.devices.values()) == {"cpu"} and p.gpu_layers == [] and p.gpu_bytes == 0
-    assert "no CUDA device" in p.describe()
+    assert "no CUDA device" in describe_plan(p)
     tiny_gpu = placement.plan(A12, int4_12b, GiB // 2, 8192, 4096)
     assert tiny_gpu.gpu_layers == [] and tiny_gpu.devices["vision"] == "cpu"
 
@@ -94,10 +95,10 @@ def test_checkpoint_bytes_match_the_estimate(tmp_path, tiny_args):
     src, out = tmp_path / "src", tmp_path / "q"
     write_checkpoint(src, tiny_args, fmt="mistral", dtype=torch.bfloat16, seed=0)
     quantize_checkpoint(src, out, bits=4)
-    got = placement.checkpoint_bytes(open_checkpoint(out, tiny_args), torch.bfloat16)
-    assert got == placement.estimate_bytes(tiny_args, QuantSpec(4, 32))
-    plain = placement.checkpoint_bytes(open_checkpoint(src, tiny_args), torch.float32)
-    assert plain == placement.estimate_bytes(tiny_args, None, torch.float32)
+    got = memory.checkpoint_bytes(open_checkpoint(out, tiny_args), torch.bfloat16)
+    assert got == memory.estimate_bytes(tiny_args, QuantSpec(4, 32))
+    plain = memory.checkpoint_bytes(open_checkpoint(src, tiny_args), torch.float32)
+    assert plain == memory.estimate_bytes(tiny_args, None, torch.float32)
 
 
 @pytest.fixture(scope="module")
