@@ -124,12 +124,18 @@ def test_eight_cores_with_one_busy_pick_seven(monkeypatch):
 
 
 def test_first_count_leaves_out_cores_others_keep_busy(monkeypatch):
-    samples = iter([{0: (100, 1000), 1: (100, 1000)},   # cpu 0 idle, cpu 1 busy, 50 ms later:
-                    {0: (150, 1050), 1: (105, 1050)}])
-    monkeypatch.setattr(th, "_cpu_times", lambda: next(samples))
+    def look(own_seconds):
+        samples = iter([{0: (100, 1000), 1: (100, 1000)},  # cpu 0 idle, cpu 1 busy, 50 ms on:
+                        {0: (150, 1050), 1: (105, 1050)}])
+        clock = iter([0.0, own_seconds])
+        monkeypatch.setattr(th, "_cpu_times", lambda: next(samples))
+        monkeypatch.setattr(th.time, "process_time", lambda: next(clock))
+        return th.busy_cores(0.05)
+
     monkeypatch.setattr(th.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(th.time, "sleep", lambda s: None)
-    assert th.busy_cores() == 1
+    assert look(0.0) == 1  # another program on cpu 1
+    assert look(0.047) == 0  # our own spinning worker on cpu 1
     p = policy(2)
     p._looked = False
     monkeypatch.setattr(th, "busy_cores", lambda: 1)

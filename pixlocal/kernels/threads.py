@@ -8,14 +8,14 @@ spinning waiters make it worse: on a 2-core VM with one core busy, the tiny mode
 nor /proc/stat says reliably whether the other core is free *now*, so ThreadPolicy measures:
 it times each decode step at the current count and, now and then, a short probe at another
 count (all cores, one fewer, half, one), and keeps whichever ran faster. Probes that lose
-back off so that their cost stays under `budget` of the decode time; a sudden slowdown (a
+back off so that their cost stays under `budget` (2%) of the decode time; a sudden slowdown (a
 program starting) re-opens probing at once.
 
 Before the first decode step there is nothing to time, and a prefill split over a core that
 another program holds waits at every region just the same (a tiny model's 1,113-token prefill
 took 1.7 s on 2 threads against 0.2 s on 1, with the other core busy). So the first count
-comes from a 50 ms look at /proc/stat: cores this process may use that were busy more than
-half of that time (while it slept) are left out.
+comes from a 50 ms look at /proc/stat: the cores' worth of time that other programs used on
+the cores this process may use (its own threads' time taken off) is left out.
 
 A count the user fixed (`threads=` / --threads / $PIXLOCAL_THREADS) is used as given.
 """
@@ -60,18 +60,19 @@ def _cpu_times() -> dict[int, tuple[int, int]]:
 
 
 def busy_cores(window: float = 0.05) -> int:
-    """Cores of this process's affinity that others kept busy over more than half of a
-    `window`-second look (this process sleeps meanwhile); 0 where unknown."""
+    """Cores of this process's affinity that other programs kept busy over a `window`-second
+    look, rounded; 0 where unknown. This process's own threads (OpenMP workers still
+    spinning after the load's last parallel region, say) are not others: their CPU time is
+    taken off the total."""
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    a = _cpu_times()
+    a, own = _cpu_times(), time.process_time()
     time.sleep(window)
-    b = _cpu_times()
-    busy = 0
+    b, own = _cpu_times(), time.process_time() - own
+    used = 0.0  # cores' worth of busy time over the window, all programs
     for cpu, (idle1, tot1) in b.items():
         if cpu in a and (allowed is None or cpu in allowed) and tot1 > a[cpu][1]:
-            idle = (idle1 - a[cpu][0]) / (tot1 - a[cpu][1])
-            busy += idle < 0.5
-    return busy
+            used += 1 - (idle1 - a[cpu][0]) / (tot1 - a[cpu][1])
+    return max(0, round(used - own / window))
 
 
 def candidates(most: int) -> list[int]:
@@ -88,7 +89,7 @@ class ThreadPolicy:
     SHOCK = 1.6  # a step this much slower than the recent median (twice in a row) re-probes
     WIN = 0.97  # a probe must be 3% faster to switch
 
-    def __init__(self, threads: int | None = None, *, budget: float = 0.03):
+    def __init__(self, threads: int | None = None, *, budget: float = 0.02):
         fixed = requested_threads(threads)
         self.most = fixed or usable_cores()
         self.adaptive = fixed is None and self.most > 1
@@ -137,8 +138,8 @@ class ThreadPolicy:
             arm, got = self.probe
             got.append(dt)
             ref = statistics.median(self.recent) if self.recent else dt
-            if len(got) == 1 and dt > 4 * ref:
-                self._lost(arm, got, ref)  # hopeless: stop after one step
+            if (len(got) == 1 and dt > 4 * ref) or (len(got) == 2 and dt > 1.1 * ref):
+                self._lost(arm, got, ref)  # clearly slower: stop early
             elif len(got) == self.PROBE:
                 if statistics.median(got[1:]) < self.WIN * ref:
                     self.n, self.probe = arm, None
