@@ -36,6 +36,7 @@ from .common import (
 
 if TYPE_CHECKING:
     from pixlocal.generate import Pixtral
+    from pixlocal.session import ChatSession
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -47,6 +48,48 @@ HELP = """commands:
   /stats          images encoded, context used
   /help, /?       this text
   /quit, /bye     leave (or Ctrl-D); Ctrl-C stops an answer"""
+
+
+def saved_chat(session: ChatSession, label: str | None = None) -> dict[str, Any]:
+    """The conversation as /save writes it: messages (images by source, each answer with its
+    stats) and totals. load_chat reads it back."""
+    msgs = session._system()
+    for t in session.turns:
+        stats = {k: v for k, v in t.stats.items() if k != "context_tokens"}
+        msgs += [{"role": "user", "content": t.user_content(sources=True)},
+                 {"role": "assistant", "content": t.answer, "stats": stats}]
+    return {"model": label, "messages": msgs,
+            "stats": {"images_encoded": session.model.images_encoded,
+                      "context_tokens": session.context_tokens,
+                      "context_limit": session.model.context_limit}}
+
+
+def load_chat(session: ChatSession, saved: dict[str, Any]) -> None:
+    """Replace the session's conversation with one saved_chat wrote (images are opened again
+    from their sources). PromptError for data of another shape; the session is unchanged."""
+    from pixlocal.errors import PromptError
+    from pixlocal.images import load_image
+    from pixlocal.session import Turn
+    try:
+        msgs = list(saved["messages"])
+        system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
+        turns = []
+        for u, a in zip(msgs[::2], msgs[1::2], strict=True):
+            if (u["role"], a["role"]) != ("user", "assistant"):
+                raise ValueError(f"expected a user then an assistant message, not "
+                                 f"{u['role']} then {a['role']}")
+            content = u["content"]
+            chunks = content if isinstance(content, list) else []
+            images = [(c["image"], load_image(c["image"])) for c in chunks
+                      if isinstance(c, dict) and c.get("type") == "image"]
+            text = content if not images else [c for c in content if c.get("type") != "image"]
+            if isinstance(text, list) and len(text) == 1 and text[0].get("type") == "text":
+                text = text[0]["text"]
+            turns.append(Turn(text, images, a["content"], dict(a.get("stats") or {})))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PromptError(f"not a saved conversation ({type(e).__name__}: {e})") from None
+    session.system, session.turns, session.pending = system, turns, []
+    session.model.reset()
 
 
 class Repl:
@@ -134,7 +177,7 @@ class Repl:
         elif name == "/set":
             self.set(args)
         elif name == "/stats":
-            st = s.save(self.label)["stats"]
+            st = saved_chat(s, self.label)["stats"]
             attached = f" · {len(s.pending)} image(s) attached" if s.pending else ""
             err.print(f"images encoded: {st['images_encoded']} · turns: {len(s.turns)} · "
                       f"context: {st['context_tokens']}/{st['context_limit']} tokens{attached}")
@@ -148,7 +191,7 @@ class Repl:
             return
         try:
             Path(args[0]).expanduser().write_text(
-                json.dumps(self.session.save(self.label), indent=2) + "\n")
+                json.dumps(saved_chat(self.session, self.label), indent=2) + "\n")
         except OSError as e:  # a missing directory, a directory, no permission: say so only
             error_line(f"cannot save to {args[0]}: {e.strerror or e}")
             return
@@ -163,7 +206,7 @@ class Repl:
         except (OSError, ValueError) as e:
             error_line(f"cannot load {args[0]}: {getattr(e, 'strerror', None) or e}")
             return
-        self.session.load(saved)
+        load_chat(self.session, saved)
         err.print(f"[dim]loaded {len(self.session.turns)} turn(s) from {escape(args[0])}[/dim]")
 
     def set(self, args: list[str]) -> None:

@@ -216,35 +216,30 @@ def _size(n: int) -> str:
 def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
     # Pillow warns (UserWarning) about odd tags and corrupt EXIF of damaged files: the library
     # never prints, and such a file either decodes or becomes an ImageError below.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _decode_quietly(data, name, max_pixels)
-
-
-def _decode_quietly(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    if not data:
-        raise ImageError(f"{name}: empty (0 bytes)")
-    kind = _sniff(data)
-    # We check the pixel count ourselves against max_pixels (PIL's bomb warning is silenced
-    # above). PIL raises a bare variety of exceptions on hostile data (OSError, SyntaxError,
-    # struct.error, ...), hence the broad excepts below: every failure must be an ImageError.
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        raise ImageError(f"{name}: too many pixels (Pillow's limit is {limit:,})") from None
-    except Exception as e:
-        raise ImageError(_unreadable(name, kind, data, e)) from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(f"{name}: too many pixels ({width}x{height} = {width * height:,}; "
-                         f"the limit is {max_pixels:,}, set by max_pixels or "
-                         "$PIXLOCAL_MAX_PIXELS)")
-    try:
-        image.load()  # the first frame of an animation; truncated files fail here, not later
-    except Exception as e:
-        raise ImageError(_corrupt(name, image.format or kind, e)) from None
-    return _to_8bit(_upright(image, name))
+    with warnings.catch_warnings(action="ignore"):
+        if not data:
+            raise ImageError(f"{name}: empty (0 bytes)")
+        kind = _sniff(data)
+        # We check the pixel count ourselves against max_pixels (PIL's bomb warning is silenced
+        # above). PIL raises a bare variety of exceptions on hostile data (OSError, SyntaxError,
+        # struct.error, ...), hence the broad excepts below: every failure must be an ImageError.
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            raise ImageError(f"{name}: too many pixels (Pillow's limit is {limit:,})") from None
+        except Exception as e:
+            raise ImageError(_unreadable(name, kind, data, e)) from None
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{name}: too many pixels ({width}x{height} = {width * height:,}; "
+                             f"the limit is {max_pixels:,}, set by max_pixels or "
+                             "$PIXLOCAL_MAX_PIXELS)")
+        try:
+            image.load()  # the first frame of an animation; truncated files fail here, not later
+        except Exception as e:
+            raise ImageError(_corrupt(name, image.format or kind, e)) from None
+        return _to_8bit(_upright(image, name))
 
 
 def _upright(image: Image.Image, name: str) -> Image.Image:

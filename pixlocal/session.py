@@ -1,5 +1,6 @@
 """ChatSession: a multi-turn conversation over one runner (generate.Pixtral), keeping its KV
-cache between turns; the turns, the images attached for the next message, save and load."""
+cache between turns; the turns and the images attached for the next message. (The chat
+REPL's /save and /load file format lives with the REPL, cli/chat.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PromptError
 from .generate import Pixtral, Step
 from .images import load_image
 from .prompt import Encoded
@@ -104,38 +104,3 @@ class ChatSession:
                               "context_tokens": len(enc.tokens) + last.index + 1}
                 self.turns.append(turn)
                 self.pending = self.pending[len(turn.images):]
-
-    def save(self, label: str | None = None) -> dict[str, Any]:
-        """The conversation as JSON-able data: messages (images by source, each answer with
-        its stats) and totals. `load` reads it back."""
-        msgs = self._system()
-        for t in self.turns:
-            stats = {k: v for k, v in t.stats.items() if k != "context_tokens"}
-            msgs += [{"role": "user", "content": t.user_content(sources=True)},
-                     {"role": "assistant", "content": t.answer, "stats": stats}]
-        return {"model": label, "messages": msgs,
-                "stats": {"images_encoded": self.model.images_encoded,
-                          "context_tokens": self.context_tokens,
-                          "context_limit": self.model.context_limit}}
-
-    def load(self, saved: dict[str, Any]) -> None:
-        """Replace the conversation with one `save` wrote (images are opened again from their
-        sources). PromptError for data of another shape; the session is unchanged then."""
-        try:
-            msgs = list(saved["messages"])
-            system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
-            turns = []
-            for u, a in zip(msgs[::2], msgs[1::2], strict=True):
-                assert u["role"] == "user" and a["role"] == "assistant"
-                content = u["content"]
-                chunks = content if isinstance(content, list) else []
-                images = [(c["image"], load_image(c["image"])) for c in chunks
-                          if isinstance(c, dict) and c.get("type") == "image"]
-                text = content if not images else [c for c in content if c.get("type") != "image"]
-                if isinstance(text, list) and len(text) == 1 and text[0].get("type") == "text":
-                    text = text[0]["text"]
-                turns.append(Turn(text, images, a["content"], dict(a.get("stats") or {})))
-        except (KeyError, TypeError, ValueError, AssertionError, AttributeError) as e:
-            raise PromptError(f"not a saved conversation ({type(e).__name__}: {e})") from None
-        self.system, self.turns, self.pending = system, turns, []
-        self.model.reset()

@@ -132,8 +132,9 @@ def test_a_chat_turn_that_fails_keeps_history_and_images(tiny_ckpt, sample_png):
     m.context_len = 10_000
     steps = list(chat.send("Describe it.", max_tokens=2))
     assert steps and chat.pending == [] and len(chat.turns) == 2
-    saved = chat.save("tiny")
+    from pixlocal.cli.chat import load_chat, saved_chat
+    saved = saved_chat(chat, "tiny")
     again = ChatSession(m)
-    again.load(saved)
+    load_chat(again, saved)
     assert again.messages[0] == before[0] and len(again.turns) == 2
     assert again.turns[1].images[0][0] == str(sample_png)
