@@ -145,3 +145,16 @@ def test_first_count_leaves_out_cores_others_keep_busy(monkeypatch):
 
 def test_busy_cores_reads_this_machine():
     assert 0 <= th.busy_cores(0.01) <= host.usable_cores() or th._cpu_times() == {}
+
+
+def test_a_quiet_first_look_delays_the_first_probe(monkeypatch):
+    p = policy(2)
+    p._looked = False
+    monkeypatch.setattr(th, "busy_cores", lambda: 0)
+    used = drive(p, {2: 0.010, 1: 0.014}.get, 300, monkeypatch)
+    assert 1 not in used[:p.QUIET_GAP] and 1 in used  # probed later, not at once
+    p = policy(2)
+    p._looked = False
+    monkeypatch.setattr(th, "busy_cores", lambda: 1)  # started on 1 thread: 2 is tried soon
+    used = drive(p, {2: 0.010, 1: 0.014}.get, 60, monkeypatch)
+    assert used[1] == 1 and used[-1] == 2  # (used[0] was read before the first look)

@@ -88,6 +88,7 @@ class ThreadPolicy:
     MIN_GAP = 16  # steps at the current count between probes of the same other count
     SHOCK = 1.6  # a step this much slower than the recent median (twice in a row) re-probes
     WIN = 0.97  # a probe must be 3% faster to switch
+    QUIET_GAP = 128  # steps before the first probe when the first look saw no busy core
 
     def __init__(self, threads: int | None = None, *, budget: float = 0.02):
         fixed = requested_threads(threads)
@@ -104,11 +105,16 @@ class ThreadPolicy:
         self._set = 0
         self.switches = 0
         self._looked = not self.adaptive  # the first use() looks at the other programs
+        self._start_gap = 0  # steps before the first probe (set by the first look)
 
     def _first_look(self) -> None:
         self._looked = True
-        n = max(1, self.most - busy_cores())
+        busy = busy_cores()
+        n = max(1, self.most - busy)
         self.n = min(self.arms, key=lambda a: abs(a - n))  # the nearest candidate
+        # A quiet look makes the first probe wait longer: each costs ~2% of a 128-token
+        # answer on a quiet machine, and a program that starts later trips the SHOCK rule.
+        self._start_gap = self.QUIET_GAP if busy == 0 else self.MIN_GAP
 
     def current(self) -> int:
         """The count the next step runs on (set it for prefill and other work too)."""
@@ -160,6 +166,9 @@ class ThreadPolicy:
         r.append(dt)
         if len(r) < 3:
             return
+        if self._start_gap:
+            gap, self._start_gap = self._start_gap * statistics.median(r), 0
+            self.due = {a: max(d, self.elapsed + gap) for a, d in self.due.items()}
         for a in self.arms:
             if a != self.n and self.elapsed >= self.due[a]:
                 self.probe = (a, [])
