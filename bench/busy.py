@@ -47,7 +47,8 @@ def run_pixlocal(exe: str, model: str, p: int, n: int, extra: list[str]) -> dict
     if r.returncode != 0:
         raise RuntimeError(f"{exe} bench failed: {r.stderr.strip()[-500:]}")
     d = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"pp": d["prefill_tps"], "tg": d["decode_tps"], "threads": d.get("threads")}
+    return {"pp": d["prefill_tps"], "tg": d["decode_tps"], "threads": d.get("threads"),
+            "prefill_threads": d.get("prefill_threads")}
 
 
 def run_llama(exe: str, gguf: str, p: int, n: int) -> dict:
@@ -95,7 +96,8 @@ def main() -> None:
                 r.update(round=rnd, who=name, busy=busy)
                 runs.append(r)
                 print(f"round {rnd} {name:5s} {'busy ' if busy else 'quiet'} "
-                      f"pp {r['pp']:8.2f}  tg {r['tg']:7.2f} tok/s  threads {r['threads']}",
+                      f"pp {r['pp']:8.2f}  tg {r['tg']:7.2f} tok/s  threads {r['threads']}"
+                      f"{' (prefill %s)' % r['prefill_threads'] if r.get('prefill_threads') else ''}",
                       flush=True)
 
     def med(who: str, busy: bool, key: str) -> float:

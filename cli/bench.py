@@ -76,9 +76,10 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(1000, m.args.vocab_size, (n_prompt - 1,), generator=g).tolist()
         enc = Encoded([1] + ids, [])
-    prefill_s, decode_s = [], []
+    prefill_s, decode_s, prefill_threads = [], [], []
     for _ in range(reps):
         m.reset()
+        prefill_threads.append(m.threads.current())
         t0 = time.perf_counter()
         logits = m.prefill(enc)
         prefill_s.append(time.perf_counter() - t0)
@@ -94,7 +95,8 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
     decode_tps = n_gen / _median(decode_s) if n_gen else 0.0
     return {
         "model": str(model_dir), "device": str(m.device), "dtype": str(m.dtype).split(".")[-1],
-        "threads": torch.get_num_threads(), "n_prompt": len(enc.tokens), "n_gen": n_gen,
+        "threads": torch.get_num_threads(), "prefill_threads": prefill_threads,
+        "thread_switches": m.threads.switches, "n_prompt": len(enc.tokens), "n_gen": n_gen,
         "images": len(enc.images), "reps": reps,
         "load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3),
         "prefill_s": round(_median(prefill_s), 4), "prefill_tps": round(prefill_tps, 2),
