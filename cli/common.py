@@ -160,6 +160,7 @@ def compile_kernels(m: Pixtral) -> float | None:
     from .warm import needs_warmup, warmup
 
     if not needs_warmup(m):
+        jit.preload()  # cached kernels loaded now, not inside the first token
         return None
     names, t0, done = jit.uncompiled(), time.perf_counter(), threading.Event()
     msg = "compiling CPU kernels (first run only, usually 15-60 s)"

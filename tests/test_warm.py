@@ -45,3 +45,18 @@ def test_ask_announces_compilation_and_keeps_it_out_of_the_rates(q4, sample_png,
     import json
     rec = json.loads(r.stdout)
     assert rec["timings"]["total_s"] < 1.2  # the 1.2 s of "compiling" is not in the answer's time
+
+
+def test_cached_kernels_load_before_the_first_token(q4):
+    """A later run loads its cached kernels at load time, not inside the first decode step."""
+    import subprocess
+    import sys
+    m = pixlocal.load(q4)
+    warm.warmup(m)  # compiled and in numba's disk cache
+    code = ("import pixlocal; from pixlocal.kernels import jit; "
+            f"m = pixlocal.load({str(q4)!r}); n = jit.preload(); "
+            "print(n, '_gemv' in jit.uncompiled())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    n, pending = r.stdout.split()
+    assert int(n) >= 1 and pending == "False", r.stderr[-2000:]
