@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hub_server import Hub
 from PIL import Image
 
 
@@ -61,3 +62,14 @@ def make_image_folder(root, n_good: int = 3):
     bad["text"].write_text("this is a text file, not a picture\n")
     bad["unsupported"].write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
     return good, {k: v.resolve() for k, v in bad.items()}
+
+
+FILES = ("params.json", "consolidated.safetensors", "tekken.json")  # acme/big's files
+
+
+@pytest.fixture
+def hub(tiny_ckpt):
+    h = Hub(repos={"acme/big": {f: (tiny_ckpt / f).read_bytes() for f in FILES}})
+    h.endpoint = h.start()
+    yield h
+    h.stop()

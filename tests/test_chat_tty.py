@@ -67,16 +67,26 @@ class Tmux:
         subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
 
 
-def test_chat_in_a_terminal(tiny_registry, tmp_path, sample_png):
-    saved = tmp_path / "conv.json"
+def chat_with_image(tmp_path, sample_png, *options: str) -> Tmux:
+    """`pixlocal chat` in a tmux terminal, at its prompt with sample_png attached."""
     env = {k: os.environ[k] for k in ("PIXLOCAL_HOME", "PIXLOCAL_MODELS_TOML", "PATH")}
     env["TERM"] = "xterm-256color"
-    t = Tmux([sys.executable, "-m", "pixlocal.cli.app", "chat", "--max-tokens", "5000",
-              "--dtype", "float32"], env, tmp_path / "exit_status")
+    t = Tmux([sys.executable, "-m", "pixlocal.cli.app", "chat", *options, "--dtype",
+              "float32"], env, tmp_path / "exit_status")
     try:
         t.wait_for(lambda s: ">>> " in s, "the prompt")
         t.keys(f"/image {sample_png}", "Enter")
         t.wait_for(lambda s: "attached" in s, "/image")
+    except BaseException:
+        t.close()
+        raise
+    return t
+
+
+def test_chat_in_a_terminal(tiny_registry, tmp_path, sample_png):
+    saved = tmp_path / "conv.json"
+    t = chat_with_image(tmp_path, sample_png, "--max-tokens", "5000")
+    try:
         t.keys("describe it", "Enter")
         # wait until a good part of the answer has streamed, then Ctrl-C in the middle of it
         t.wait_for(lambda s: len(s.split("describe it", 1)[-1].strip()) > 400, "streaming")
@@ -121,14 +131,8 @@ def test_a_turn_that_overflows_keeps_the_pending_image(tiny_registry, tmp_path, 
     """Loaded with a context smaller than an image prompt: the turn is refused, the image
     stays attached (/stats says so), /save to a missing directory is one error line, and the
     REPL goes on."""
-    env = {k: os.environ[k] for k in ("PIXLOCAL_HOME", "PIXLOCAL_MODELS_TOML", "PATH")}
-    env["TERM"] = "xterm-256color"
-    t = Tmux([sys.executable, "-m", "pixlocal.cli.app", "chat", "--context", "16",
-              "--dtype", "float32"], env, tmp_path / "exit_status")
+    t = chat_with_image(tmp_path, sample_png, "--context", "16")
     try:
-        t.wait_for(lambda s: ">>> " in s, "the prompt")
-        t.keys(f"/image {sample_png}", "Enter")
-        t.wait_for(lambda s: "attached" in s, "/image")
         t.keys("describe it", "Enter")
         s = t.wait_for(lambda s: "no longer fits" in s, "the refusal")
         assert "context window of 16 tokens" in s

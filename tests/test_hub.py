@@ -11,11 +11,11 @@ import sys
 import textwrap
 
 import cli_fixtures
-import pytest
 from hub_server import Hub
 
 tiny_registry = cli_fixtures.tiny_registry  # a fixture
-FILES = ("params.json", "consolidated.safetensors", "tekken.json")
+FILES = cli_fixtures.FILES
+hub = cli_fixtures.hub  # a fixture: the tiny model served as acme/big
 
 SCRIPT = textwrap.dedent("""
     import json, shutil, sys
@@ -50,14 +50,6 @@ def pull(endpoint, tmp_path, name="big", quant="-", source="mistral", quantizer=
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
-
-
-@pytest.fixture
-def hub(tiny_ckpt):
-    h = Hub(repos={"acme/big": {f: (tiny_ckpt / f).read_bytes() for f in FILES}})
-    h.endpoint = h.start()
-    yield h
-    h.stop()
 
 
 def test_pull_reports_events_and_returns_the_path(tiny_registry, tiny_ckpt, hub, tmp_path):

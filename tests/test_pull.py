@@ -10,21 +10,12 @@ import subprocess
 import sys
 
 import cli_fixtures
-import pytest
-from hub_server import Hub
 
 from pixlocal.config import home
 
 tiny_registry = cli_fixtures.tiny_registry  # a fixture
-FILES = ("params.json", "consolidated.safetensors", "tekken.json")
-
-
-@pytest.fixture
-def hub(tiny_ckpt):
-    h = Hub(repos={"acme/big": {f: (tiny_ckpt / f).read_bytes() for f in FILES}})
-    h.endpoint = h.start()
-    yield h
-    h.stop()
+FILES = cli_fixtures.FILES
+hub = cli_fixtures.hub  # a fixture: the tiny model served as acme/big
 
 
 def pull(endpoint: str, *args: str, token: str | None = None, tmp=None):
