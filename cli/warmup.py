@@ -22,12 +22,14 @@ def precompile(device: str = "cpu", dtype: str = "auto") -> float | None:
     from pixlocal.kernels.backend import CpuBackend, for_device, parse_device
     from pixlocal.loader import parse_dtype
 
-    from .warm import marker
+    from .warm import marker, up_to_date
 
     dev = parse_device(device)
-    if not isinstance(for_device(dev), CpuBackend) or \
-            marker(parse_dtype(dtype, dev), [4, 8], dev).exists():
-        return None  # no numba kernels on this path, or compiled before
+    if not isinstance(for_device(dev), CpuBackend):
+        return None  # no numba kernels on this path
+    from pixlocal.kernels import cpu_decode  # noqa: F401  (loads the kernels up_to_date checks)
+    if up_to_date(marker(parse_dtype(dtype, dev), [4, 8], dev)):
+        return None  # compiled before, and numba's cache still has them
     from pixlocal.quant import quantize_checkpoint
 
     from pixlocal.synthetic import write_checkpoint

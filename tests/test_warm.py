@@ -60,3 +60,17 @@ def test_cached_kernels_load_before_the_first_token(q4):
                        timeout=300)
     n, pending = r.stdout.split()
     assert int(n) >= 1 and pending == "False", r.stderr[-2000:]
+
+
+def test_the_marker_holds_only_while_numbas_cache_has_its_kernels(tmp_path, monkeypatch):
+    """A fresh clone has new source files, which numba's cache does not recognise: the
+    kernels a warm-up compiled are uncompiled again, and the first run says so again."""
+    mark = tmp_path / "warm-x"
+    assert not warm.up_to_date(mark)  # no marker
+    mark.write_text('["_gemv", "_layer"]\n')
+    monkeypatch.setattr(jit, "uncompiled", lambda: ["_attend_par"])  # not one it needs
+    assert warm.up_to_date(mark)
+    monkeypatch.setattr(jit, "uncompiled", lambda: ["_gemv"])
+    assert not warm.up_to_date(mark)
+    mark.write_text("6.1\n")  # an older marker's format
+    assert not warm.up_to_date(mark)
