@@ -22,6 +22,10 @@ class ImageError(PixlocalError):
     """An image that cannot be read, fetched or decoded."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over a size limit: encoded bytes or pixels (a server answers 413)."""
+
+
 class ContextOverflow(PixlocalError):
     """Prompt + max_tokens does not fit in the model's context window."""
 

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
-from pixlocal.errors import ImageError
+from pixlocal.errors import ImageError, ImageTooLarge
 
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
 
@@ -206,7 +206,7 @@ def _read_response(response: BinaryIO, name: str, max_bytes: int, timeout: float
 def _check_bytes(n: int, max_bytes: int, name: str, *, exact: bool = True) -> None:
     if n > max_bytes:
         size = _size(n) if exact else f"more than {_size(max_bytes)}"
-        raise ImageError(f"{name}: too large ({size}; the limit is {_size(max_bytes)})")
+        raise ImageTooLarge(f"{name}: too large ({size}; the limit is {_size(max_bytes)})")
 
 
 def _size(n: int) -> str:
@@ -227,12 +227,12 @@ def _decode(data: bytes, name: str, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
             limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-            raise ImageError(f"{name}: too many pixels (Pillow's limit is {limit:,})") from None
+            raise ImageTooLarge(f"{name}: too many pixels (Pillow's limit is {limit:,})") from None
         except Exception as e:
             raise ImageError(_unreadable(name, kind, data, e)) from None
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(f"{name}: too many pixels ({width}x{height} = {width * height:,}; "
+            raise ImageTooLarge(f"{name}: too many pixels ({width}x{height} = {width * height:,}; "
                              f"the limit is {max_pixels:,}, set by max_pixels or "
                              "$PIXLOCAL_MAX_PIXELS)")
         try:
