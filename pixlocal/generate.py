@@ -31,7 +31,7 @@ from .kernels.backend import is_gpu
 from .kernels.threads import ThreadPolicy
 from .loader import Loaded
 from .loader import load as load_weights
-from .memory import kv_bytes_per_layer
+from .memory import kv_bytes_per_layer, prefill_chunk
 from .model import KVCache, PixtralModel
 from .placement import GpuLayers, Plan
 from .prompt import Encoded, PromptEncoder, StreamDecoder
@@ -119,6 +119,7 @@ def stream(runner: Pixtral, enc: Encoded, *, max_tokens: int, temperature: float
     if max_tokens == 0:
         return
     logits, computed = runner._prefill(enc)
+    runner.synchronize()  # GPU work is asynchronous: the clock waits for it
     prefill_s = time.perf_counter() - t0
     detok = StreamDecoder(runner.encoder)
     eos, n = runner.encoder.eos_id, len(enc.tokens)
@@ -188,11 +189,16 @@ class PromptCache:
         return keep
 
     def ensure(self, needed: int) -> KVCache:
-        """The KV cache, allocated (or grown) to hold `needed` positions."""
+        """The KV cache, allocated (or grown) to hold `needed` positions. Where a layer is on
+        a GPU it is allocated once at its planned size (`limit`): growing would hold the old
+        and the new buffers at once, which the plan does not reserve. In RAM it grows on
+        demand (check_context refuses what the free RAM cannot hold)."""
         a = self.args
         if self.kv is None:
-            self.kv = KVCache(a.n_layers, a.n_kv_heads, a.head_dim,
-                              min(self.limit, max(needed, 512)), self.dtype, self.devices)
+            size = self.limit if any(is_gpu(d) for d in self.devices) else \
+                min(self.limit, max(needed, 512))
+            self.kv = KVCache(a.n_layers, a.n_kv_heads, a.head_dim, size, self.dtype,
+                              self.devices)
         elif needed > self.kv.capacity:
             self.kv.grow(min(self.limit, max(needed, 2 * self.kv.capacity)))
         return self.kv
@@ -219,6 +225,8 @@ class Pixtral:
         self.fast_decode: FastDecode | None = loaded.fast_decode
         self.layer_devices = [loaded.devices[f"layers.{i}"] for i in range(self.args.n_layers)]
         self.cache = PromptCache(self.args, self.dtype, self.layer_devices, self.context_limit)
+        # tokens per decoder call in prefill: what the plan reserves activations for
+        self.prefill_chunk = prefill_chunk(self.context_len, loaded.plan.image_patches)
         self.images_encoded = 0  # images run through the vision encoder (for tests and stats)
 
     @property
@@ -244,19 +252,58 @@ class Pixtral:
 
     @torch.inference_mode()
     def image_features(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Rows spliced in at the [IMG] positions: (ΣN, dim) fp32."""
+        """Rows spliced in at the [IMG] positions: (ΣN, dim) fp32. The encoder takes one
+        image at a time (its activations are planned for the largest image, not for all)."""
         self.images_encoded += len(images)
-        return self.model.image_features(self._image_tensors(images)).float()
-
-    def _rows(self, images: list[np.ndarray]) -> torch.Tensor | None:
-        return self.image_features(images).to(self.device) if images else None
+        if not images:
+            return torch.empty(0, self.args.dim)
+        return torch.cat([self.model.image_features(self._image_tensors([a])).float()
+                          for a in images])
 
     @torch.inference_mode()
     def logits(self, tokens: list[int], images: list[np.ndarray]) -> torch.Tensor:
-        """One full causal forward without cache: (len(tokens), vocab) fp32."""
+        """Every position's logits of one causal forward from position 0, the prompt cache
+        untouched: (len(tokens), vocab) fp32, on the CPU when the head is on a GPU (each
+        chunk's logits are copied out as they are made)."""
         self.check_context(len(tokens), 0)
-        t = torch.tensor(tokens, device=self.device)
-        return self.model(self.model.embed(t, self._rows(images)))
+        kv = KVCache(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim,
+                     len(tokens), self.dtype, self.layer_devices)
+        out = torch.empty(len(tokens), self.args.vocab_size)
+        self._chunks(tokens, images, 0, kv, out)
+        return out
+
+    def _chunks(self, tokens: list[int], images: list[np.ndarray], start: int, kv: KVCache,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run tokens[start:] (positions start..) through the decoder into `kv`, at most
+        `prefill_chunk` tokens per call, each image encoded when its first row is needed
+        (`images`: those with an [IMG] at or after start). The last position's logits (V,);
+        with `out` (len(tokens), V), every position's logits from `start` on as well."""
+        pending = iter(images)
+        rows: list[torch.Tensor] = []  # encoded rows not yet spliced in, in order
+        img_id = self.encoder.img_id
+
+        def take(n: int) -> torch.Tensor | None:
+            got, have = [], 0
+            while have < n:
+                if not rows:
+                    rows.append(self.image_features([next(pending)]).to(self.device))
+                r = rows.pop(0)
+                if have + r.shape[0] > n:
+                    r, rest = r[: n - have], r[n - have :]
+                    rows.insert(0, rest)
+                got.append(r)
+                have += r.shape[0]
+            return torch.cat(got) if got else None
+
+        ids = torch.tensor(tokens, device=self.device)
+        logits = torch.empty(0)
+        for a in range(start, len(tokens), self.prefill_chunk):
+            t = ids[a : a + self.prefill_chunk]
+            h = self.model.embed(t, take(int((t == img_id).sum())))
+            logits = self.model(h, a, kv, logits_from=0 if out is not None else len(t) - 1)
+            if out is not None:
+                out[a : a + len(t)].copy_(logits)
+        return logits[-1]
 
     # ---- the cache -----------------------------------------------------------------------
     def check_context(self, n_prompt: int, max_tokens: int) -> None:
@@ -292,14 +339,17 @@ class Pixtral:
         keep = self.cache.reusable(keys)
         # images whose first [IMG] lies before `keep` are cached; the others need encoding
         cached = sum(1 for k in keys[:keep] if isinstance(k, tuple) and k[1] == 0)
-        rows = self._rows(enc.images[cached:])
         kv = self.cache.ensure(len(keys))
         self.threads.use()
         self.cache.keys = keys[:keep]
-        h = self.model.embed(torch.tensor(enc.tokens[keep:], device=self.device), rows)
-        logits = self.model(h, keep, kv, logits_from=h.shape[0] - 1)[-1]
+        logits = self._chunks(enc.tokens, enc.images[cached:], keep, kv)
         self.cache.keys = keys
         return logits, len(keys) - keep
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on a GPU (timings read the clock after it)."""
+        if any(is_gpu(d) for d in (self.device, *self.layer_devices)):
+            torch.cuda.synchronize()
 
     @torch.inference_mode()
     def _decode_one(self, token: int) -> torch.Tensor:

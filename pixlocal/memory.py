@@ -94,10 +94,18 @@ def image_tokens(args: PixtralArgs, max_image_size: int | None = None) -> int:
     return side * side
 
 
+def prefill_chunk(context_len: int, image_patches: int) -> int:
+    """Most tokens one prefill call runs through the decoder: the largest image's tokens (its
+    patches and row breaks) + 512 of text. The activation reserve is sized for this many, and
+    longer prompts run in chunks of it (generate.Pixtral)."""
+    return max(1, min(context_len, image_patches + math.isqrt(image_patches) + 512))
+
+
 def activation_bytes(args: PixtralArgs, context_len: int, image_patches: int,
                      itemsize: int = 2) -> tuple[int, int]:
-    """(vision, decoder) activation peaks: the largest image through the encoder + adapter;
-    a prefill of that image's tokens (+ 512 of text) through one decoder layer + the head."""
+    """(vision, decoder) activation peaks: the largest image through the encoder + adapter
+    (images go through one at a time); a prefill chunk (`prefill_chunk` tokens) through one
+    decoder layer + the head."""
     tile = 2 * TILE_ELEMS * 4
     vis = 0
     v = args.vision_encoder
@@ -105,7 +113,7 @@ def activation_bytes(args: PixtralArgs, context_len: int, image_patches: int,
         D, F = v.hidden_size, v.intermediate_size
         vis = image_patches * (4 * D * itemsize + 3 * F * itemsize + F * 4 + D * 4
                                + args.dim * (4 + itemsize)) + tile
-    L = min(context_len, image_patches + int(image_patches ** 0.5) + 512)
+    L = prefill_chunk(context_len, image_patches)
     D, F = args.dim, args.hidden_dim
     dec = L * (3 * F * itemsize + F * 4 + 4 * D * 4 + args.n_heads * args.head_dim * 4) \
         + args.vocab_size * 4 + tile

@@ -14,11 +14,16 @@ torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.fixture(autouse=True)
-def _isolate(tmp_path, monkeypatch):
-    """Never touch the user's model home or registry from a test."""
+def _isolate(request, tmp_path, monkeypatch):
+    """Never touch the user's model home or registry from a test. Tests not marked `gpu` run
+    on the CPU on a GPU host too: device "auto" finds no CUDA device, in this process and in
+    the commands it starts (they assert CPU facts: threads, memory maps, CPU kernels)."""
     monkeypatch.setenv("PIXLOCAL_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("PIXLOCAL_MODEL", raising=False)
     monkeypatch.delenv("PIXLOCAL_MODELS_TOML", raising=False)
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +43,7 @@ def tiny_ckpt(tmp_path_factory, tiny_args):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
     import pixlocal
-    return pixlocal.load(tiny_ckpt, dtype="float32")
+    return pixlocal.load(tiny_ckpt, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="session")
