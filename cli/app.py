@@ -24,7 +24,7 @@ try:  # newer typers (0.29 here) parse with their own copy of click; older ones 
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as cx  # type: ignore[no-redef]
 
-from . import ask, bench, caption, chat, doctor, models, quantize, warmup
+from . import ask, bench, caption, chat, doctor, models, quantize, serve, warmup
 from .common import err, error_line, escape, is_broken_pipe
 
 
@@ -140,7 +140,7 @@ def _root(
 
 app.command()(ask.ask)
 app.command()(chat.chat)
-app.command()(caption.caption)
+app.command(cls=caption.CaptionCommand)(caption.caption)  # + `caption merge`
 app.command()(quantize.quantize)
 app.command()(quantize.verify)
 app.command("models")(models.models_cmd)
@@ -149,6 +149,7 @@ app.command()(models.info)
 app.command()(models.rm)
 app.command()(bench.bench)
 app.command()(doctor.doctor)
+app.command()(serve.serve)
 app.command()(warmup.warmup)
 
 

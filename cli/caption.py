@@ -10,23 +10,36 @@ resumes from any directory. -o FILE is locked (flock) while a run writes it: a s
 the same file refuses. A sidecar is `photo.txt`, as dataset tools expect, unless another image
 in the folder has the same stem (`photo.jpg`, `photo.png`): then each gets `photo.jpg.txt`,
 `photo.png.txt`, so no caption overwrites another.
+
+At scale: `--shard I/N` takes the images whose path below its input folder hashes to shard I
+of N (the same split on every machine and every rerun), so N processes anywhere each caption
+their share into their own output, and `pixlocal caption merge` (caption_merge.py) joins and
+checks them. `--ray [ADDRESS]` runs the same records through a pool of Ray workers
+(caption_ray.py), this process still the only writer. Both use `Captioner`, the per-image
+code of a local run. The prompt's text before the image (system prompt included) is
+computed once per process: each image reuses it from the model's prompt cache.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import os
+import re
 import sys
 import time
+import unicodedata
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -39,6 +52,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+from typer.core import TyperCommand
 
 from .common import (
     DEFAULT_CONTEXT,
@@ -65,6 +79,27 @@ if TYPE_CHECKING:
 
 CSV_FIELDS = ["path", "caption", "error", "tokens", "seconds"]
 LOOKAHEAD = 2  # images decoded ahead of the one being captioned
+RAY_ADDRESS = r"local|auto|(ray://)?([\w.\-]+|\[[0-9a-fA-F:.]+\]):\d+"  # --ray's values
+
+
+class CaptionCommand(TyperCommand):
+    """`caption`'s command: `caption merge ...` is the merge command (caption_merge.py; a
+    folder named merge is `./merge`), and a bare --ray means --ray=local: typer's options take
+    no optional value, so --ray takes the next word only when it is a Ray address."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: Any = None, **extra: Any) -> Any:
+        if args[:1] == ["merge"]:
+            from .caption_merge import merge
+            sub = typer.Typer(add_completion=False)
+            sub.command()(merge)
+            cmd = typer.main.get_command(sub)
+            return cmd.make_context(f"{info_name} merge", args[1:], parent=parent, **extra)
+        end = args.index("--") if "--" in args else len(args)
+        args = [("--ray=local" if a == "--ray" and not (
+            i + 1 < end and re.fullmatch(RAY_ADDRESS, args[i + 1])) else a) if i < end else a
+            for i, a in enumerate(args)]
+        return super().make_context(info_name, args, parent=parent, **extra)
 
 
 def _matches(f: Path, root: Path, glob: str) -> bool:
@@ -73,20 +108,59 @@ def _matches(f: Path, root: Path, glob: str) -> bool:
     return PurePosixPath(f.relative_to(root).as_posix().lower()).match(glob.lower())
 
 
-def collect(inputs: list[Path], glob: str | None, skip_txt: bool) -> list[Path]:
-    found: dict[str, Path] = {}
+def collect_keyed(inputs: list[Path], glob: str | None, skip_txt: bool
+                  ) -> list[tuple[Path, str]]:
+    """The images under `inputs`, each with its shard key: its path below the input folder
+    that found it (a file given by name: its name)."""
+    found: dict[str, tuple[Path, str]] = {}
     for p in inputs:
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if not f.is_file() or (skip_txt and f.suffix.lower() == ".txt"):
                     continue
                 if _matches(f, p, glob) if glob else f.suffix.lower() in IMAGE_SUFFIXES:
-                    found.setdefault(os.path.realpath(f), f)
+                    found.setdefault(os.path.realpath(f), (f, f.relative_to(p).as_posix()))
         elif p.exists():
-            found.setdefault(os.path.realpath(p), p)
+            found.setdefault(os.path.realpath(p), (p, p.name))
         else:
             raise typer.BadParameter(f"{p}: no such file or directory", param_hint="DIR|FILE")
     return list(found.values())
+
+
+def collect(inputs: list[Path], glob: str | None, skip_txt: bool) -> list[Path]:
+    return [p for p, _ in collect_keyed(inputs, glob, skip_txt)]
+
+
+def shard_of(key: str, n: int) -> int:
+    """Which of n shards takes the image with this key (its path below its input folder).
+    A hash of the NFC-normalised UTF-8 key: the same on every machine, whatever the order
+    of discovery, the mount point or the file system's Unicode form (macOS writes NFD)."""
+    h = hashlib.blake2b(unicodedata.normalize("NFC", key).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") % n
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """--shard I/N (0 <= I < N): a usage error for anything else."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not m:
+        raise typer.BadParameter(f"{value!r} is not I/N (e.g. 0/4: the first of 4 shards)",
+                                 param_hint="--shard")
+    i, n = int(m[1]), int(m[2])
+    if n < 1:
+        raise typer.BadParameter(f"{value!r}: N must be at least 1", param_hint="--shard")
+    if i >= n:
+        raise typer.BadParameter(f"{value!r}: I must be 0..{n - 1} (shards count from 0)",
+                                 param_hint="--shard")
+    return i, n
+
+
+def in_shard(keyed: list[tuple[Path, str]], shard: tuple[int, int] | None) -> list[Path]:
+    if shard is None:
+        return [p for p, _ in keyed]
+    i, n = shard
+    return [p for p, k in keyed if shard_of(k, n) == i]
 
 
 def sidecars(files: list[Path]) -> tuple[dict[str, Path], list[list[Path]]]:
@@ -129,6 +203,36 @@ def _fsync(f: IO[str]) -> None:
 
 def _record_path(p: Path) -> str:
     return os.path.abspath(p)
+
+
+def read_records(out: Path, fmt: str) -> tuple[list[dict[str, Any]], int]:
+    """The complete records of a jsonl or csv caption file, and its length in bytes up to the
+    end of the last of them (a run killed mid-write may leave half a record; it is not one).
+    FormatError naming the file and the line for anything that is not a caption record."""
+    from pixlocal.errors import FormatError
+    text = out.read_bytes().decode("utf-8", errors="replace")
+    recorded: list[dict[str, Any]] = []
+    if fmt == "jsonl":
+        good = text[: text.rfind("\n") + 1]
+        for i, line in enumerate(good.splitlines(), 1):
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):
+                    raise TypeError
+            except (json.JSONDecodeError, TypeError):
+                raise FormatError(f"{out}: line {i} is not a caption record") from None
+            recorded.append(rec)
+    else:  # csv: a record ends at a newline outside quotes ("" escapes keep the parity)
+        end = text.rfind("\n")
+        while end >= 0 and text.count('"', 0, end) % 2:
+            end = text.rfind("\n", 0, end)
+        good = text[: end + 1]
+        rows = list(csv.DictReader(io.StringIO(good)))
+        if good and (not rows and not good.startswith("path,") or
+                     rows and "path" not in rows[0]):
+            raise FormatError(f"{out}: not a caption CSV (no path column)")
+        recorded += [dict(r) for r in rows]
+    return recorded, len(good.encode())
 
 
 class Sink:
@@ -184,34 +288,15 @@ class Sink:
         self._emit(lambda f: csv.writer(f, lineterminator="\n").writerow(CSV_FIELDS))
 
     def _load_done(self, out: Path) -> None:
-        from pixlocal.errors import FormatError
-        text = out.read_bytes().decode("utf-8", errors="replace")
-        recorded: list[str] = []
-        if self.fmt == "jsonl":
-            good = text[: text.rfind("\n") + 1]  # a killed run may leave half a line
-            for i, line in enumerate(good.splitlines(), 1):
-                try:
-                    recorded.append(str(json.loads(line)["path"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise FormatError(f"{out}: line {i} is not a caption record") from None
-        else:  # csv: a record ends at a newline outside quotes ("" escapes keep the parity)
-            end = text.rfind("\n")
-            while end >= 0 and text.count('"', 0, end) % 2:
-                end = text.rfind("\n", 0, end)
-            good = text[: end + 1]
-            rows = list(csv.DictReader(io.StringIO(good)))
-            if good and (not rows and not good.startswith("path,") or
-                         rows and "path" not in rows[0]):
-                raise FormatError(f"{out}: not a caption CSV (no path column)")
-            recorded += [r["path"] for r in rows]
+        recorded, good = read_records(out, self.fmt)
         for r in recorded:
-            if os.path.isabs(r):
-                self.done.add(os.path.realpath(r))
+            if os.path.isabs(r["path"]):
+                self.done.add(os.path.realpath(r["path"]))
             else:  # written by an older pixlocal, relative to its working directory
-                self.done.add(os.path.realpath(r))
-                self.done.add(os.path.realpath(out.parent / r))
-        if len(good.encode()) != out.stat().st_size:
-            self.stream.truncate(len(good.encode()))  # drop the torn record
+                self.done.add(os.path.realpath(r["path"]))
+                self.done.add(os.path.realpath(out.parent / r["path"]))
+        if good != out.stat().st_size:
+            self.stream.truncate(good)  # drop the torn record
 
     def sidecar(self, p: Path) -> Path:
         return self.side[os.path.realpath(p)]
@@ -296,6 +381,75 @@ def _error_text(p: Path, e: BaseException) -> str:
     return msg if str(p) in msg else f"{p}: {msg}"
 
 
+class Captioner:
+    """The per-image work of every run (local, a shard, a Ray worker): a loaded model, the
+    prompt, the generation settings. `records` yields one record per image in order while a
+    background thread decodes and preprocesses the next LOOKAHEAD images.
+
+    Every image is prompted as [system] + image + prompt, so the tokens before the image are
+    the same for all of them: the model's prompt cache keeps them from the previous image and
+    only the image's own tokens and the prompt after it are computed (`cached` counts the
+    prompt tokens taken from the cache)."""
+
+    def __init__(self, m: Pixtral, prompt: str, system: str | None, gen: dict[str, Any]):
+        self.m, self.prompt, self.system, self.gen = m, prompt, system, gen
+        self.cached = 0  # prompt tokens reused from the cache, over all images so far
+
+    def caption(self, p: Path, enc: Encoded) -> dict[str, Any]:
+        t1 = time.perf_counter()
+        room = context_room(self.m, len(enc.tokens))
+        steps = list(self.m.stream_encoded(  # stops at the context's end
+            enc, **{**self.gen, "max_tokens": min(self.gen["max_tokens"], max(room, 1))}))
+        if steps:
+            self.cached += steps[-1].prompt_tokens - steps[-1].prefilled_tokens
+        return {"path": _record_path(p), "caption": "".join(s.text for s in steps).strip(),
+                "tokens": len(steps), "seconds": round(time.perf_counter() - t1, 3)}
+
+    def records(self, paths: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """(image, record) for each image: a caption, or an `error` for an image that cannot
+        be read. A failure in generation itself is a bug, not a bad image: it is raised."""
+        from pixlocal.errors import PixlocalError
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        queue: deque[tuple[Path, Future[Encoded]]] = deque()
+        pending = iter(paths)
+
+        def fill() -> None:
+            while len(queue) < LOOKAHEAD + 1:
+                p = next(pending, None)
+                if p is None:
+                    return
+                queue.append((p, pool.submit(_prepare, self.m, p, self.prompt, self.system)))
+
+        try:
+            fill()
+            while queue:
+                p, fut = queue.popleft()
+                fill()
+                try:
+                    rec = self.caption(p, fut.result())
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # one bad image must not stop a run
+                    if not isinstance(e, PixlocalError) and fut.exception() is None:
+                        raise
+                    rec = {"path": _record_path(p), "error": _error_text(p, e)}
+                yield p, rec
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def progress_bar() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=err, transient=False)
+
+
+def summary(done: int, failed: int, skipped: int, secs: float, cached: int) -> str:
+    return (f"captioned {done}, failed {failed}" + (f", skipped {skipped}" if skipped else "")
+            + f" in {secs:.1f} s ({(done + failed) / secs:.2f} img/s)"
+            + (f"; {cached} prompt tokens reused from the cache" if cached else ""))
+
+
 def caption(
     inputs: Annotated[list[Path], typer.Argument(
         help="Images and folders (searched recursively).", metavar="DIR|FILE...")],
@@ -325,8 +479,35 @@ def caption(
     max_vram: MaxVramOpt = None,
     context: ContextOpt = DEFAULT_CONTEXT,
     threads: ThreadsOpt = None,
+    shard: Annotated[str | None, typer.Option(
+        help="Caption only shard I of N (0 <= I < N), e.g. --shard $SLURM_ARRAY_TASK_ID/8: "
+             "images are split by a hash of their path below the folder, the same on every "
+             "machine. Join the outputs with `pixlocal caption merge`.", metavar="I/N")
+    ] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="[ADDRESS]",
+        help="Run on a Ray cluster: ADDRESS (host:port, ray://host:port, auto: the cluster "
+             "`ray start` made here), or alone for a Ray instance on this machine only; this "
+             "process writes the output. Needs pip install 'pixlocal[ray]'.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Ray workers, one model each (default: one per GPU, or one per machine "
+                    "without GPUs).")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(
+        min=0.0, help="GPUs per Ray worker (default: 1 where the cluster has GPUs, else 0).")
+    ] = None,
 ) -> None:
-    """Caption every image in folders or files; one record per image."""
+    """Caption every image in folders or files; one record per image.
+
+    At scale: --shard I/N for any scheduler (then `pixlocal caption merge SHARD... -o OUT
+    --images DIR`), or --ray for a Ray cluster."""
+    part = parse_shard(shard)
+    if ray is None and (workers is not None or gpus_per_worker is not None):
+        raise typer.BadParameter("--workers and --gpus-per-worker go with --ray",
+                                 param_hint="--workers")
+    if ray is not None:
+        from .caption_ray import check_address, import_ray
+        check_address(ray, inputs)
     if fmt not in ("jsonl", "csv", "txt"):
         raise typer.BadParameter(f"{fmt!r} is not one of jsonl, csv, txt", param_hint="--format")
     if resume and overwrite:
@@ -337,11 +518,18 @@ def caption(
         raise typer.BadParameter("--resume needs -o FILE (or --format txt)")
     with user_errors():
         from pixlocal.errors import PixlocalError
-        files = collect(inputs, glob, skip_txt=fmt == "txt")
+        if ray is not None:
+            import_ray(local=ray == "local")  # one line saying how to install it, up front
+        files = collect_keyed(inputs, glob, skip_txt=fmt == "txt")
         if not files:
             where = ", ".join(str(p) for p in inputs)
             raise PixlocalError(f"no images found in {where}" +
                                 (f" matching {glob!r}" if glob else ""))
+        every = len(files)
+        files = in_shard(files, part)
+        if not files:
+            err.print(f"shard {shard}: none of the {every} image(s) falls in this shard")
+            return
         sink = Sink(fmt, output, resume, overwrite, files)
         try:
             for group in sink.clashes:
@@ -357,79 +545,53 @@ def caption(
                         f"{len(clash)} image(s) already have a .txt sidecar (e.g. "
                         f"{sink.sidecar(clash[0])}): pass --resume or --overwrite")
             skipped = len(files) - len(todo)
+            of = f" (shard {part[0]}/{part[1]} of {every})" if part else ""
             if not todo:
-                err.print(f"nothing to do: {len(files)} image(s), all already captioned")
+                err.print(f"nothing to do: {len(files)} image(s){of}, all already captioned")
+                return
+            gen = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+            if ray is not None:
+                from .caption_ray import run_ray
+                from .common import placement_kw
+                from .registry import resolve
+                load_kw = dict(device=device, dtype=dtype, max_image_size=max_image_size,
+                               threads=threads,
+                               **placement_kw(gpu_layers, max_vram, context))
+                with err.status("preparing the model …"):
+                    r = resolve(model)
+                run_ray(None if ray == "local" else ray, workers, gpus_per_worker, r.path,
+                        r.label, load_kw, todo, sink, prompt, system, skipped, gen)
                 return
             m, load_s, label = load_model(model, device=device, dtype=dtype,
                                           max_image_size=max_image_size, gpu_layers=gpu_layers,
                                           max_vram=max_vram, context=context, threads=threads)
-            err.print(f"{escape(label)} loaded in {load_s:.1f} s · {len(todo)} image(s)"
+            err.print(f"{escape(label)} loaded in {load_s:.1f} s · {len(todo)} image(s){of}"
                       + (f", {skipped} already done" if skipped else ""), style="dim")
-            _run(m, todo, sink, prompt, system, skipped,
-                 dict(max_tokens=max_tokens, temperature=temperature, seed=seed))
+            _run(Captioner(m, prompt, system, gen), todo, sink, skipped)
         finally:
             sink.close()
 
 
-def _run(m: Pixtral, todo: list[Path], sink: Sink, prompt: str, system: str | None,
-         skipped: int, gen: dict[str, Any]) -> None:
-    from pixlocal.errors import PixlocalError
+def _run(cap: Captioner, todo: list[Path], sink: Sink, skipped: int) -> None:
     done = failed = 0
     t0 = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
-    queue: deque[tuple[Path, Future[Encoded]]] = deque()
-    pending = iter(todo)
-
-    def fill() -> None:
-        while len(queue) < LOOKAHEAD + 1:
-            p = next(pending, None)
-            if p is None:
-                return
-            queue.append((p, pool.submit(_prepare, m, p, prompt, system)))
-
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("eta"),
-               TimeRemainingColumn())
     try:
-        with Progress(*columns, console=err, transient=False) as progress:
+        with progress_bar() as progress:
             if sink.out is None and sink.fmt != "txt" and _same_terminal():
                 sink.console = progress.console  # records print above the bar, not into it
             task = progress.add_task("captioning", total=len(todo))
-            fill()
-            while queue:
-                p, fut = queue.popleft()
-                fill()
-                t1 = time.perf_counter()
-                try:
-                    enc = fut.result()
-                    room = context_room(m, len(enc.tokens))
-                    steps = list(m.stream_encoded(  # stops at the context's end
-                        enc, **{**gen, "max_tokens": min(gen["max_tokens"], max(room, 1))}))
-                    rec: dict[str, Any] = {
-                        "path": _record_path(p), "caption": "".join(s.text for s in steps).strip(),
-                        "tokens": len(steps), "seconds": round(time.perf_counter() - t1, 3)}
-                    done += 1
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:  # one bad image must not stop a run
-                    if not isinstance(e, PixlocalError) and fut.exception() is None:
-                        raise  # a failure in generation itself is a bug, not a bad image
-                    rec = {"path": _record_path(p), "error": _error_text(p, e)}
+            for p, rec in cap.records(todo):
+                if "error" in rec:
                     failed += 1
                     error_line(rec["error"])  # err is the progress console: above the bar
+                else:
+                    done += 1
                 sink.write(rec, p)
                 progress.advance(task)
     except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
         err.print(f"[yellow]interrupted[/yellow] after {done} captioned, {failed} failed; "
                   "what is recorded is kept: rerun with --resume to finish")
         raise typer.Exit(130) from None
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    secs = time.perf_counter() - t0
-    err.print(f"captioned {done}, failed {failed}" + (f", skipped {skipped}" if skipped else "")
-              + f" in {secs:.1f} s ({(done + failed) / secs:.2f} img/s)")
+    err.print(summary(done, failed, skipped, time.perf_counter() - t0, cap.cached))
     if failed:
         raise typer.Exit(1)
