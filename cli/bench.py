@@ -36,13 +36,22 @@ def _median(xs: list[float]) -> float:
 def decode_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every decoder layer, the final norm and the
     output head (the vision tower and the embedding table are not touched; one embedding row
-    is negligible). A tensor held in two places counts once."""
+    is negligible). A quantized layer counts what its backend's kernel reads of its prepared
+    weight (Backend.weight_bytes: the cuda backend's tinygemm packing, the cpu backend's
+    interleaved blocks; not the stored buffers, which a GPU load empties); a weight stacked
+    with others (qkv, w1/w3) is read once with its stack; any other tensor held in two
+    places counts once."""
+    from pixlocal.qlinear import QLinear
+
+    skip = ("vision_encoder.", "vision_language_adapter.", "tok_embeddings.")
     seen: set[int] = set()
     total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear) and not name.startswith(skip):
+            total += mod.nbytes
+            seen |= {id(t) for t in (mod.qweight, mod.scales, mod.zeros)}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith(("vision_encoder.", "vision_language_adapter.", "tok_embeddings.")):
-            continue
-        if t is None or id(t) in seen:
+        if name.startswith(skip) or t is None or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
@@ -57,6 +66,7 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
 
     import pixlocal
     from pixlocal.generate import generate_step, make_sampler
+    from pixlocal.kernels import backend
     from pixlocal.prompt import Encoded
 
     t0 = time.perf_counter()
@@ -64,10 +74,16 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
                       **placement)
     load_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()  # first forward: numba JIT (or its cache), torch's lazy init
+    devices = {m.device, m.vision_device, *m.layer_devices}
+
+    def clock() -> float:  # GPU kernels run asynchronously: wait for them first
+        backend.synchronize(devices)
+        return time.perf_counter()
+
+    t0 = clock()  # first forward: numba JIT (or its cache), torch's lazy init
     m.prefill(Encoded([1] + [1000 + i for i in range(7)], []))
     m.decode(1001)
-    warmup_s = time.perf_counter() - t0
+    warmup_s = clock() - t0
 
     if image:
         enc = m.encode([{"role": "user", "content": [
@@ -80,21 +96,21 @@ def run_bench(model_dir: str, *, n_prompt: int, n_gen: int, image: str | None, r
     for _ in range(reps):
         m.reset()
         prefill_threads.append(m.threads.current())
-        t0 = time.perf_counter()
+        t0 = clock()
         logits = m.prefill(enc)
-        prefill_s.append(time.perf_counter() - t0)
+        prefill_s.append(clock() - t0)
         # n_gen decode steps: the first token comes from the prefill's logits, each later
         # one from a step (generate_step runs a token only when the next is asked for)
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in itertools.islice(generate_step(m, logits, make_sampler()), n_gen + 1):
             pass
-        decode_s.append(time.perf_counter() - t0)
+        decode_s.append(clock() - t0)
     m.reset()
     per_tok = decode_bytes_per_token(m.model)
     prefill_tps = len(enc.tokens) / _median(prefill_s)
     decode_tps = n_gen / _median(decode_s) if n_gen else 0.0
     return {
-        "model": str(model_dir), "device": str(m.device), "dtype": str(m.dtype).split(".")[-1],
+        "model": str(model_dir), "device": m.plan.label, "dtype": str(m.dtype).split(".")[-1],
         "threads": torch.get_num_threads(), "prefill_threads": prefill_threads,
         "thread_switches": m.threads.switches, "n_prompt": len(enc.tokens), "n_gen": n_gen,
         "images": len(enc.images), "reps": reps,

@@ -47,9 +47,13 @@ def ram_bytes() -> int | None:
         return None
 
 
-def kernel_table(cap: tuple[int, int] | None, cuda: bool) -> list[tuple[str, str, str]]:
+def kernel_table(cap: tuple[int, int] | None, cuda: bool, tinygemm: bool = True,
+                 fused: bool = False) -> list[tuple[str, str, str]]:
     """(layer kind, CPU kernel, CUDA kernel) for decode (1 token) / prefill (1024 tokens),
-    12B shapes; cap is the CUDA device's compute capability."""
+    12B shapes; cap is the CUDA device's compute capability, `tinygemm` and `fused` whether
+    tinygemm and the Triton kernel run there (the cuda backend's own choice, kernel_for)."""
+    import torch
+
     from pixlocal import kernels
     from pixlocal.kernels import cuda as ck
 
@@ -59,14 +63,28 @@ def kernel_table(cap: tuple[int, int] | None, cuda: bool) -> list[tuple[str, str
     def gpu(bits: int, shape: tuple[int, int]) -> str:
         if not cuda:
             return "no CUDA device"
-        return f"{ck.kernel_for(bits, shape, 1, cap)} / {ck.kernel_for(bits, shape, 1024, cap)}"
+        return " / ".join(ck.kernel_for(bits, shape, n, cap, tinygemm=tinygemm, fused=fused)
+                          for n in (1, 1024))
 
-    half = "bfloat16" if cap is None or cap >= (8, 0) else "float16"
+    half = str(ck.compute_dtype(torch.bfloat16, cap)).removeprefix("torch.")
     return [("decoder linear int4", cpu_q, gpu(4, (14336, 5120))),
             ("decoder linear int8", cpu_q, gpu(8, (14336, 5120))),
             ("output head (int8)", cpu_q, gpu(8, (131072, 5120))),
+            ("attention", f"{name}: decode kernel / torch SDPA",
+             f"torch SDPA {half} (flash / memory-efficient)" if cuda else "no CUDA device"),
             ("vision encoder + adapter", "torch, load dtype",
              f"torch {half} (cuBLAS)" if cuda else "no CUDA device")]
+
+
+def gpu_dtypes(cap: tuple[int, int]) -> str:
+    """What a bfloat16 (auto) load computes in on a GPU of capability `cap`, in words."""
+    import torch
+
+    from pixlocal.kernels import cuda as ck
+    if ck.compute_dtype(torch.bfloat16, cap) == torch.bfloat16:
+        return "bfloat16 throughout"
+    return (f"bfloat16 residual stream and KV cache; float16 GEMMs, attention and vision "
+            f"encoder (compute capability {cap[0]}.{cap[1]} < 8.0 has no native bfloat16)")
 
 
 def gather(device: str, gpu_layers: str, max_vram: float | None, model: str | None,
@@ -87,13 +105,20 @@ def gather(device: str, gpu_layers: str, max_vram: float | None, model: str | No
         "cpu": cpu_facts(), "ram_bytes": ram_bytes(), "device": str(dev), "gpu": None,
     }
     cap = None
+    tinygemm, fused = True, False
     if dev.type == "cuda":
+        from pixlocal.kernels import cuda as ck
         free, total = torch.cuda.mem_get_info(dev)
         cap = torch.cuda.get_device_capability(dev)
+        missing = ck.tinygemm_missing(dev)
+        tinygemm, fused = missing is None, ck.fused_available(dev)
         info["gpu"] = {"name": torch.cuda.get_device_name(dev),
                        "compute_capability": f"{cap[0]}.{cap[1]}", "free_vram_bytes": free,
-                       "total_vram_bytes": total}
-    info["kernels"] = kernel_table(cap, dev.type == "cuda")
+                       "total_vram_bytes": total, "dtypes": gpu_dtypes(cap),
+                       "tinygemm": missing or "available",
+                       "triton": "available" if fused else "not installed: int8 and "
+                       "untiled int4 dequantize per call (slow decode)"}
+    info["kernels"] = kernel_table(cap, dev.type == "cuda", tinygemm, fused)
     layers: int | str = "auto" if gpu_layers == "auto" else int(gpu_layers)
     if model is not None:
         from pixlocal.checkpoint import open_checkpoint
@@ -185,6 +210,9 @@ def doctor(
     out.print(f"{'gpu':>20}  " + ("no CUDA device" if g is None else
               f"{g['name']} · compute capability {g['compute_capability']} · "
               f"{_size(g['free_vram_bytes'])} free of {_size(g['total_vram_bytes'])}"))
+    if g is not None:
+        for k in ("dtypes", "tinygemm", "triton"):
+            out.print(f"{k:>20}  {g[k]}")
     t = Table("layer kind", "CPU (decode / prefill)", "CUDA (decode / prefill)")
     for row in info["kernels"]:
         t.add_row(*row)

@@ -5,7 +5,13 @@
     each QLinear built with its part's Backend and prepared there, now (cpu: interleaved
     row blocks; cuda: tinygemm's packing) → qkv and w1/w3 stacked (qlinear.fuse) → each
     layer given its backend's attention op → device boundaries (placement) → the backend's
-    whole-layer decode where it applies (fastdecode)
+    whole-layer decode where it applies (fastdecode: with a partial offload, the CPU layers)
+
+A part computes in its backend's dtype for the load dtype (Backend.compute_dtype): on a GPU
+below compute capability 8.0 a bfloat16 load puts the vision encoder and adapter in float16
+(their inputs are cast on the way in); the decoder's residual stream and KV cache keep the
+load dtype, its GEMMs and attention cast to float16 per call (kernels/cuda.py). `max_vram`
+also caps torch's allocator on the GPU (backend.limit_vram), not the plan alone.
 
 Weights are never all in RAM at once: each parameter is assigned from the memory-mapped
 checkpoint. When the stored dtype and device are the wanted ones the parameter *is* the mapped
@@ -32,7 +38,15 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .config import DEFAULT_CONTEXT, read_args
 from .errors import FormatError, ModelNotFound, PixlocalError
 from .fastdecode import FastDecode, build
-from .kernels.backend import Backend, for_device, free_vram, get, is_gpu, parse_device
+from .kernels.backend import (
+    Backend,
+    for_device,
+    free_vram,
+    get,
+    is_gpu,
+    limit_vram,
+    parse_device,
+)
 from .layers import FeedForward
 from .memory import checkpoint_bytes, image_tokens
 from .model import Attention, PixtralModel
@@ -112,15 +126,22 @@ def load(path: str | Path, device: str | torch.device = "auto",
     free = gpu_free if gpu_free is not None else free_vram(dev)
     p = plan(args, checkpoint_bytes(ckpt, dt), free, min(context_len, args.max_seq_len),
              image_tokens(args, max_image_size), gpu_layers, max_vram, dt.itemsize)
+    if max_vram is not None and p.free_vram is not None and is_gpu(gpu_dev):
+        limit_vram(gpu_dev, max_vram)
     devices = {part: gpu_dev if p.on_gpu(part) else CPU for part in p.devices}
     chosen: dict[str, Backend] = {
         part: get(backends[p.devices[part]]) if backends and p.devices[part] in backends
         else for_device(devices[part]) for part in p.devices}
+    dtypes = dict.fromkeys(p.devices, dt)  # the decoder's GPU layers cast per call instead
+    if "vision" in p.devices:
+        dtypes["vision"] = chosen["vision"].compute_dtype(devices["vision"], dt)
     with torch.device("meta"):
         model = PixtralModel(args)
     used = (_swap_quantized(model, ckpt, devices, chosen, dt, model_dir, prepare)
             if ckpt.kind == "pixlocal" else set())
-    _assign(model, ckpt, devices, dt, model_dir, used)
+    _assign(model, ckpt, devices, dtypes, model_dir, used)
+    if "vision" in dtypes and dtypes["vision"] != dt:  # images come in the load dtype
+        model.vision_encoder.register_forward_pre_hook(_images_to(dtypes["vision"]))
     for i, blk in enumerate(model.layers):
         blk.attention.attend = chosen[f"layers.{i}"].attention
     for mod in model.modules() if prepare else ():  # one kernel call for wq/wk/wv, w1/w3
@@ -176,9 +197,15 @@ def _swap_quantized(model: PixtralModel, ckpt: Checkpoint, devices: dict[str, to
     return used
 
 
+def _images_to(dtype: torch.dtype):  # noqa: ANN202
+    def cast(_mod: nn.Module, args: tuple) -> tuple:  # (images,)
+        return ([img.to(dtype) for img in args[0]],)
+    return cast
+
+
 def _assign(model: PixtralModel, ckpt: Checkpoint, devices: dict[str, torch.device],
-            dt: torch.dtype, model_dir: Path, used: set[str]) -> None:
-    """Every other tensor, read onto its part's device in dtype `dt`."""
+            dtypes: dict[str, torch.dtype], model_dir: Path, used: set[str]) -> None:
+    """Every other tensor, read onto its part's device in its part's dtype."""
     state = {}
     for name, p in model.state_dict().items():
         if name in used:
@@ -194,7 +221,7 @@ def _assign(model: PixtralModel, ckpt: Checkpoint, devices: dict[str, torch.devi
             raise FormatError(f"{ckpt.file_of(name)}: tensor {name!r} is stored as "
                               f"{ckpt.dtype(name)}, not a float type: corrupt header")
         stored = ckpt.get(name)
-        dev = devices[part_of(name)]
+        dev, dt = devices[part_of(name)], dtypes[part_of(name)]
         keep = (name.startswith(_NARROW_OK) and dt == torch.float32 and not is_gpu(dev)
                 and stored.dtype in (torch.bfloat16, torch.float16))
         state[name] = stored.to(device=dev, dtype=stored.dtype if keep else dt)

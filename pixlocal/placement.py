@@ -63,7 +63,7 @@ class Plan:
     context_len: int
     image_patches: int
     free_vram: int | None  # None: no CUDA device
-    budget: int  # bytes the plan may use on the GPU
+    budget: int  # bytes the plan may use on the GPU: min(free, --max-vram) less the margin
     margin: int
 
     @property
@@ -93,6 +93,15 @@ class Plan:
     def cpu_bytes(self) -> int:
         return sum(self.bytes_on(CPU))
 
+    @property
+    def label(self) -> str:
+        """Where the decoder runs, in words: "cpu", "cuda 40/40 layers", "cpu+cuda 22/40
+        layers" (bench and the GPU smoke test print it)."""
+        n, g = self.n_layers, len(self.gpu_layers)
+        if not g and GPU not in self.devices.values():
+            return CPU
+        return f"{GPU if g == n else f'{CPU}+{GPU}'} {g}/{n} layers"
+
 
 def plan(args: PixtralArgs, tensor_bytes: Mapping[str, int], free_vram: int | None,
          context_len: int, largest_image_patches: int, gpu_layers: GpuLayers = "auto",
@@ -119,10 +128,9 @@ def plan(args: PixtralArgs, tensor_bytes: Mapping[str, int], free_vram: int | No
     devices = {p: CPU for p in weights}
     if free_vram is None:
         return Plan(weights, devices, kv, 0, context_len, largest_image_patches, None, 0, 0)
-    margin = MARGIN_FIXED + int(MARGIN_FRAC * free_vram)
-    budget = max(0, free_vram - margin)
-    if max_vram is not None:
-        budget = min(budget, max_vram)
+    cap = free_vram if max_vram is None else min(free_vram, max_vram)
+    margin = MARGIN_FIXED + int(MARGIN_FRAC * cap)  # inside the cap: --max-vram is a ceiling
+    budget = max(0, cap - margin)
     vision = "vision" in weights and weights["vision"] + act_v <= budget
     fixed = weights["vision"] if vision else 0
 

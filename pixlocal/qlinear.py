@@ -96,13 +96,8 @@ class QLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of weight one pass reads (the prepared form's, else the stored tensors')."""
-        p = self.prepared()
-        n = getattr(p, "nbytes", None)
-        if isinstance(n, int):
-            return n
-        ts = [getattr(p, f, None) for f in ("qweight", "scales", "zeros")]
-        return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+        """Bytes of weight one pass reads (Backend.weight_bytes of the prepared form)."""
+        return self._backend.weight_bytes(self.prepared())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -101,9 +101,16 @@ def test_kernel_choice():
     ampere, turing = (8, 6), (7, 5)
     assert cuda.kernel_for(4, (5120, 14336), 1, ampere) == "tinygemm-int4"
     assert cuda.kernel_for(4, (5120, 14336), 16, ampere) == "tinygemm-int4"
-    assert cuda.kernel_for(4, (5120, 14336), 17, ampere) == "dequant-gemm-bfloat16"
+    assert cuda.kernel_for(4, (5120, 14336), 17, ampere) == "tinygemm-int4-chunked"
+    assert cuda.kernel_for(4, (5120, 14336), 256, ampere) == "tinygemm-int4-chunked"
+    assert cuda.kernel_for(4, (5120, 14336), 257, ampere) == "dequant-gemm-bfloat16"
     assert cuda.kernel_for(4, (5120, 14336), 1, turing) == "dequant-gemm-float16"
+    assert cuda.kernel_for(4, (5120, 14336), 1, turing, fused=True) == "fused-dequant-float16"
+    assert cuda.kernel_for(4, (5120, 14336), 1, ampere, tinygemm=False,
+                           fused=True) == "fused-dequant-bfloat16"
     assert cuda.kernel_for(8, (5120, 14336), 1, ampere) == "dequant-gemm-bfloat16"
+    assert cuda.kernel_for(8, (5120, 14336), 200, ampere, fused=True) == "fused-dequant-bfloat16"
+    assert cuda.kernel_for(8, (5120, 14336), 1024, ampere, fused=True) == "dequant-gemm-bfloat16"
     assert cuda.kernel_for(4, (5124, 14336), 1, ampere) == "dequant-gemm-bfloat16"
     assert cuda.kernel_for(4, (8, 256), 1, ampere) == "tinygemm-int4"
     assert cuda.kernel_for(4, (8, 256), 1, None) == "dequant-gemm-float32"  # CPU twin: 16 rows
@@ -125,10 +132,29 @@ def test_prepared_int4_matches_reference_on_cpu_twins(M, K, G, L):
 def test_decode_and_prefill_paths_agree():
     q = _q(64, 512, 4, 32)
     p = cuda.prepare(q)
-    x = torch.randn(cuda.TINYGEMM_MAX_TOKENS + 4, 512)
+    x = torch.randn(cuda.TINYGEMM_CHUNKED_MAX_TOKENS + 4, 512)
     full = cuda.qmatmul(x, p)  # dequantize-tile path
     rows = torch.cat([cuda.qmatmul(x[i:i + 1], p) for i in range(x.shape[0])])  # tinygemm
     assert _rel(rows, full) < BF16_REL
+
+
+@pytest.mark.parametrize("L", [17, 40, 200])
+def test_a_chat_turn_runs_tinygemm_in_16_token_chunks(L, monkeypatch):
+    """17..256 tokens (a chat turn) go through tinygemm 16 at a time: no call dequantizes
+    the packed weight (which moves ~30 bytes a weight, module docstring), and the answer is
+    tinygemm's own, token for token."""
+    q = _q(64, 512, 4, 32)
+    p = cuda.prepare(q)
+    calls = []
+    real = cuda._int4mm
+    monkeypatch.setattr(cuda, "_int4mm", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(cuda, "dequantize_rows", lambda *a: pytest.fail("dequantized"))
+    x = torch.randn(L, 512, generator=torch.Generator().manual_seed(L))
+    y = cuda.qmatmul(x, p)
+    assert calls == [16] * (L // 16) + ([L % 16] if L % 16 else [])
+    assert _rel(y, ref.qmatmul(x, q)) < BF16_REL
+    one = torch.cat([real(x[i:i + 1].bfloat16(), p.qweight, 32, p.scales) for i in (0, L - 1)])
+    torch.testing.assert_close(y[[0, L - 1]], one.float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits,G", [(8, 32), (8, 128), (4, 64)])
@@ -145,6 +171,133 @@ def test_prepare_leaves_unsupported_weights_alone():
         assert cuda.prepare(q) is q
     p = cuda.prepare(_q(32, 256, 4, 32))
     assert cuda.prepare(p) is p
+
+
+# ---- GPUs below compute capability 8.0, ROCm and tinygemm-less builds (capability mocked) ------
+
+TURING = (7, 5)
+
+
+@pytest.fixture
+def turing(monkeypatch):
+    """The CPU twins as a compute capability 7.5 card would run them."""
+    monkeypatch.setattr(cuda, "capability", lambda d: TURING)
+    return TURING
+
+
+def test_below_8_0_a_bf16_load_computes_in_fp16(turing):
+    from pixlocal.kernels.backend import get
+    b = get("cuda")
+    assert b.compute_dtype(torch.device("cpu"), torch.bfloat16) == torch.float16
+    assert b.compute_dtype(torch.device("cpu"), torch.float32) == torch.float32
+    assert cuda.compute_dtype(torch.bfloat16, (8, 6)) == torch.bfloat16
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fp16_dequantize_path_guards_the_cast(turing, bits):
+    """A bf16 hidden state beyond fp16's range (bf16 reaches 3e38) is scaled into range on
+    its way into the fp16 GEMM and back after, not turned into inf (which poisons every
+    later layer), and the rest keeps its accuracy."""
+    q = _q(32, 256, bits, 32)
+    p = cuda.prepare(q)
+    assert p is q  # below 8.0: no tinygemm, the stored layout
+    x = torch.randn(3, 256).bfloat16()
+    x[1, 7] = 1e6
+    y = cuda.qmatmul(x, p)
+    assert bool(torch.isfinite(y).all())
+    want = ref.qmatmul(x.float(), q)
+    assert _rel(y, want) < BF16_REL and _rel(y[[0, 2]], want[[0, 2]]) < BF16_REL
+
+
+def test_rocm_is_refused_tinygemm_in_one_line_and_falls_back(monkeypatch):
+    """ROCm's packer tiles 16 rows: the 8-row probe would write out of bounds. int4 keeps its
+    stored layout there (the fused or dequantize kernels read it) and says why in one line."""
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    why = cuda.tinygemm_missing("cpu")
+    assert why is not None and "ROCm" in why and "\n" not in why
+    q = _q(32, 256, 4, 32)
+    assert cuda.prepare(q) is q
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(cuda.qmatmul(x, q), ref.qmatmul(x, q), rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_without_tinygemm_is_refused_at_load_not_at_first_use(monkeypatch):
+    """A torch built for CUDA 11.8 lacks the int4 ops (they raise): found by a probe at the
+    first prepare, int4 then keeps its stored layout instead of failing mid-answer."""
+    def missing(*a):
+        raise RuntimeError("_convert_weight_to_int4pack: no kernel image for this build")
+    monkeypatch.setattr(cuda, "_MISSING", {})
+    monkeypatch.setattr(cuda, "_int4pack", missing)
+    why = cuda.tinygemm_missing("cpu")
+    assert why is not None and "no working tinygemm" in why and "\n" not in why
+    q = _q(32, 256, 4, 32)
+    assert cuda.prepare(q) is q
+    x = torch.randn(20, 256)
+    torch.testing.assert_close(cuda.qmatmul(x, q), ref.qmatmul(x, q), rtol=1e-5, atol=1e-5)
+
+
+# ---- attention in the call shapes of torch's fused CUDA kernels ------------------------------
+
+def _sdpa_calls(monkeypatch):
+    """Record each call of scaled_dot_product_attention (the outermost: torch's own
+    dispatch of a CausalBias calls it again, and needs the real function in place)."""
+    F = torch.nn.functional
+    real, calls = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append(dict(q=q, k=k, mask=attn_mask, causal=is_causal, gqa=enable_gqa))
+        F.scaled_dot_product_attention = real
+        try:
+            return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                        enable_gqa=enable_gqa, **kw)
+        finally:
+            F.scaled_dot_product_attention = spy
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("L,S", [(1, 9), (6, 6), (5, 12)])
+def test_cuda_attention_takes_a_fused_kernel_and_answers_as_before(L, S, monkeypatch):
+    """Prefill with a cached prefix (L < S) used a bool mask with enable_gqa: flash takes no
+    mask, memory-efficient attention no GQA, so torch ran its math kernel. Now: K/V repeated
+    to H heads and a lower-right causal bias (no mask tensor), same numbers."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    from pixlocal.kernels.backend import get
+    from pixlocal.layers import attention
+    H, Hkv, Dh = 8, 2, 16
+    g = torch.Generator().manual_seed(L)
+    q = torch.randn(H, L, Dh, generator=g)
+    k, v = torch.randn(Hkv, 20, Dh, generator=g), torch.randn(Hkv, 20, Dh, generator=g)
+    want = attention(q, k, v, S)
+    calls = _sdpa_calls(monkeypatch)
+    got = get("cuda").attention(q, k, v, S)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (c,) = calls
+    assert c["q"].dim() == 4 and c["k"].shape[-2] == S  # batched, the attended keys only
+    if L == 1:
+        assert c["mask"] is None and not c["causal"]  # flash takes GQA as it is
+    else:
+        assert c["k"].shape[1] == H and not c["gqa"]
+        assert not isinstance(c["mask"], torch.Tensor) or isinstance(c["mask"], CausalBias)
+        if S == L:
+            assert c["causal"] and c["mask"] is None
+        else:
+            assert isinstance(c["mask"], CausalBias)
+            assert c["mask"].variant == CausalVariant.LOWER_RIGHT
+
+
+def test_cuda_attention_below_8_0_runs_in_fp16(turing, monkeypatch):
+    from pixlocal.kernels.backend import get
+    from pixlocal.layers import attention
+    q = torch.randn(8, 5, 16).bfloat16()
+    k, v = torch.randn(2, 12, 16).bfloat16(), torch.randn(2, 12, 16).bfloat16()
+    calls = _sdpa_calls(monkeypatch)
+    got = get("cuda").attention(q, k, v, 12)
+    assert calls[0]["q"].dtype == torch.float16 and calls[0]["k"].dtype == torch.float16
+    assert got.dtype == torch.bfloat16
+    want = attention(q.float(), k.float(), v.float(), 12)
+    assert _rel(got.float(), want) < BF16_REL
 
 
 # ---- real kernels ----------------------------------------------------------------------------
@@ -177,6 +330,23 @@ def test_cuda_int8_matches_reference():
     dq = type(q)(q.qweight.cuda(), q.scales.cuda(), None, q.shape, q.spec)
     x = torch.randn(3, 1024)
     assert _rel(cuda.qmatmul(x.cuda(), dq).cpu(), ref.qmatmul(x, q)) < BF16_REL
+
+
+def test_bytes_per_token_count_what_the_kernels_read_not_the_emptied_buffers():
+    """On a GPU the loader empties a tinygemm layer's buffers (one copy in VRAM): bench's
+    bytes/token must count the packed weight and its bf16 (scale, zero) pairs, not 0."""
+    from pixlocal.cli.bench import decode_bytes_per_token
+    M, K, G = 64, 256, 32
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].w = from_linear(torch.nn.Linear(K, M, bias=False), QuantSpec(4, G), "cuda")
+    model.layers[0].w.prepare()
+    model.layers[0].w.drop_source()
+    packed = M * K // 2 + (K // G) * M * 2 * 2  # nibbles + bf16 pairs
+    assert model.layers[0].w.nbytes == packed
+    assert decode_bytes_per_token(model) == packed
+    int8 = from_linear(torch.nn.Linear(K, M, bias=False), QuantSpec(8, G), "cuda")
+    assert int8.nbytes == M * K + (K // G) * M * 2  # the stored layout the kernels read
 
 
 def test_qlinear_on_the_cuda_backend_keeps_one_copy_of_the_weight():

@@ -11,15 +11,18 @@ outside kernels/ compares backend or device names. Each wraps its kernel module:
 
 A Backend owns: `prepare` (a QTensor → what its kernels read, once, at load), `qmatmul`,
 `fuse` (weights sharing an input stacked into one), `attention` (prefill and decode),
-`decode_stack` (an optional whole-layer decode fast path) and `copies_weights` (prepare
-returns a copy: the stored, memory-mapped tensors' pages can be released).
+`decode_stack` (an optional whole-layer decode fast path), `copies_weights` (prepare
+returns a copy: the stored, memory-mapped tensors' pages can be released), `weight_bytes`
+(what one matmul reads of a prepared weight: bench's bytes/token) and `compute_dtype` (what
+a part loaded in a dtype computes in on a device: float16 for bfloat16 on GPUs below
+compute capability 8.0).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -61,6 +64,21 @@ class Backend:
         out: torch.Tensor = self.k.qmatmul(x, p)
         return out
 
+    def weight_bytes(self, p: Any) -> int:
+        """Bytes of weight memory one qmatmul reads for the prepared weight `p`."""
+        f = getattr(self.k, "weight_bytes", None)
+        if f is not None:
+            return int(f(p))
+        n = getattr(p, "nbytes", None)  # cpu's CpuQ
+        if isinstance(n, int):
+            return n
+        ts = (p.qweight, p.scales, p.zeros)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def compute_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a part loaded in `dtype` on `device` computes in."""
+        return dtype
+
     def fuse(self, ps: list[Any]) -> tuple[Any, list[Any]] | None:
         """Prepared weights sharing their input stacked by rows into one (one qmatmul reads
         them all), with each as a view into it; None where this backend does not stack."""
@@ -69,8 +87,9 @@ class Backend:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: int
                   ) -> torch.Tensor:
-        """q (H, L, Dh), k/v (Hkv, >= S, Dh) → (H, L, Dh) (layers.attention's contract). One query reads
-        the cache through the backend's decode kernel (torch's GQA SDPA is slow for it)."""
+        """q (H, L, Dh), k/v (Hkv, >= S, Dh) → (H, L, Dh) (layers.attention's contract). One
+        query reads the cache through the backend's decode kernel (torch's GQA SDPA is slow
+        for it)."""
         if q.shape[1] == 1 and self._decode is not None:
             out: torch.Tensor = self._decode(q, k, v, S)
             return out
@@ -109,7 +128,13 @@ class CudaBackend(Backend):
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: int
                   ) -> torch.Tensor:
-        return sdpa(q, k, v, S)
+        """In the call shapes torch's fused CUDA kernels take (cuda.attention)."""
+        out: torch.Tensor = self.k.attention(q, k, v, S)
+        return out
+
+    def compute_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+        out: torch.dtype = self.k.compute_dtype(dtype, self.k.capability(device))
+        return out
 
 
 KINDS: dict[str, type[Backend]] = {"ref": Backend, "cpu": CpuBackend, "cuda": CudaBackend}
@@ -195,3 +220,21 @@ def free_vram(device: torch.device | str) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     return int(free)
+
+
+def limit_vram(device: torch.device | str, max_bytes: int) -> float:
+    """Cap this process's allocations on a CUDA device at `max_bytes` (--max-vram): torch's
+    allocator then raises past it instead of taking the whole card. The fraction set."""
+    d = torch.device(device)
+    total = torch.cuda.get_device_properties(d).total_memory
+    frac = min(1.0, max_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(frac, d)
+    return frac
+
+
+def synchronize(devices: Iterable[torch.device | str]) -> None:
+    """Wait for the work queued on each GPU among `devices` (before reading a clock: CUDA
+    kernels run asynchronously, so a timing taken without it misses them)."""
+    for d in {torch.device(x) for x in devices}:
+        if is_gpu(d):
+            torch.cuda.synchronize(d)

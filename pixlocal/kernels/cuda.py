@@ -23,12 +23,32 @@ stored group-split order, and returns int32 (M / 8, K / (16 * ikt), 32, ikt / 2)
 (m-tile, k-supertile) holds exactly the 8 x 16*ikt nibbles of its tile, permuted the same way
 in every block. The CPU twin takes int32 (M, K) values and returns an ISA-specific uint8 layout.
 
-Prefill (more than TINYGEMM_MAX_TOKENS tokens) is compute-bound: rows are dequantized a tile
-at a time to bf16 (fp16 below capability 8.0, float32 on the CPU twin) and multiplied by the
-GEMM. To dequantize tinygemm-packed rows the in-block permutation is learnt once per ikt by
-packing probe tiles whose nibbles spell their own positions (`learn_block_perm`): no layout is
-assumed beyond the block structure above. int8 (group scales; `_weight_int8pack_mm` takes one
-scale per row only) always takes the dequantize-tile path.
+Which kernel a weight takes (`kernel_for`, also what `doctor` prints):
+  tinygemm-int4          int4 prepared for tinygemm, 1..16 tokens: one call
+  tinygemm-int4-chunked  17..TINYGEMM_CHUNKED_MAX_TOKENS tokens (a chat turn): 16-token calls,
+                         each reading the packed weight (0.56 byte a weight) again: 13 calls
+                         for 200 tokens read 7.3 bytes a weight, where dequantizing the packed
+                         rows to a bf16 tile moves ~30 (int32 nibble unpacking, the block
+                         permutation, float32 arithmetic) before the GEMM reads 2 more
+  fused-dequant-<dtype>  a stored-layout weight (int8; int4 where tinygemm is missing), up to
+                         cuda_fused.FUSED_MAX_TOKENS tokens: the Triton kernel of
+                         cuda_fused.py reads the stored bytes once, writes no weight
+  dequant-gemm-<dtype>   the rest (long prefills, or no Triton): rows dequantized a tile at a
+                         time (TILE_ELEMS weights) to bf16 (fp16 below capability 8.0, float32
+                         on the CPU twin) and multiplied by the GEMM
+To dequantize tinygemm-packed rows the in-block permutation is learnt once per ikt by packing
+probe tiles whose nibbles spell their own positions (`learn_block_perm`): no layout is assumed
+beyond the block structure above.
+
+tinygemm is refused, with one line (`tinygemm_missing`, shown by doctor), on ROCm (its packer
+tiles 16 rows: the 8-row probe would write out of bounds), below compute capability 8.0, and
+on a torch build whose int4 ops are missing or raise (e.g. CUDA 11.8 builds): int4 then keeps
+its stored layout and takes the fused kernel (or dequant-gemm without Triton).
+
+Below capability 8.0 the GEMMs and attention compute in float16, and a bf16 hidden state may
+exceed float16's 65504 (inf would poison every later layer): a GEMM's input rows are scaled
+by a power of two into range first and its float32 output scaled back (`half_rows`: exact, the
+fp16 GEMM output stays in range too); attention's inputs are clamped (`to_dtype`).
 """
 
 from __future__ import annotations
@@ -38,13 +58,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..qformat import QTensor, decode_scales, dequantize, unpack_int4
 
 # Shapes: L tokens · K in-features · M out-features · G group size · ikt inner k-tiles
+#         H heads · Hkv kv heads · S attended positions · Dh head dim
 
-TINYGEMM_MAX_TOKENS = 16  # more tokens: dequantize tiles + GEMM (tinygemm is a GEMV at heart)
+TINYGEMM_MAX_TOKENS = 16  # tokens one tinygemm call takes (it is a GEMV at heart)
+TINYGEMM_CHUNKED_MAX_TOKENS = 256  # up to here: 16-token tinygemm calls (module docstring)
+FUSED_MAX_TOKENS = 256  # = cuda_fused.FUSED_MAX_TOKENS (imported lazily: Triton is optional)
 TILE_ELEMS = 1 << 24  # weights dequantized per prefill tile (32 MiB of bf16)
+F16_MAX = 65504.0
+HALF_ROW_MAX = 2.0**10  # half_rows brings each row's largest magnitude under this
 _BLOCK_ROWS = 8  # tinygemm n-tile
 
 
@@ -72,21 +98,108 @@ def gemm_dtype(cap: tuple[int, int] | None) -> torch.dtype:
     return torch.bfloat16 if cap >= (8, 0) else torch.float16
 
 
+def compute_dtype(dtype: torch.dtype, cap: tuple[int, int] | None) -> torch.dtype:
+    """What a part loaded in `dtype` computes in on a device of capability `cap`: bfloat16
+    becomes float16 below 8.0 (emulated on Turing, failing on Volta and Pascal)."""
+    return torch.float16 if dtype == torch.bfloat16 and cap is not None and cap < (8, 0) \
+        else dtype
+
+
+def to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; into float16 its values clamp to +-65504 instead of overflowing to inf."""
+    y = x.to(dtype)
+    if dtype == torch.float16 and y is not x:
+        y.clamp_(-F16_MAX, F16_MAX)
+    return y
+
+
+def half_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (L, K) → (float16 x / s, s (L, 1) float32): s a power of two per row (1 for rows
+    already under HALF_ROW_MAX) so that x / s fits float16 with room for a GEMM's sums;
+    only exponents change, so x / s * s == x where x is float16-representable."""
+    m = x.abs().amax(1, keepdim=True).float()
+    s = torch.exp2(torch.ceil(torch.log2(m / HALF_ROW_MAX)).clamp_(min=0))
+    return (x.float() / s).to(torch.float16), s
+
+
 def inner_k_tiles(K: int) -> int | None:
     """The largest tinygemm inner k-tile count (8, 4, 2) whose 16*ikt divides K, else None."""
     return next((t for t in (8, 4, 2) if K % (16 * t) == 0), None)
 
 
-def kernel_for(bits: int, shape: tuple[int, int], tokens: int,
-               cap: tuple[int, int] | None) -> str:
-    """Which kernel a (M, K) weight of `bits` bits uses for `tokens` tokens on a device of
-    compute capability `cap` (None = the CPU twin): "tinygemm-int4" or "dequant-gemm-<dtype>"."""
+def kernel_for(bits: int, shape: tuple[int, int], tokens: int, cap: tuple[int, int] | None,
+               *, tinygemm: bool = True, fused: bool = False) -> str:
+    """Which kernel (module docstring) a (M, K) weight of `bits` bits uses for `tokens` tokens
+    on a device of compute capability `cap` (None = the CPU twin); `tinygemm`: whether this
+    build and device have it (tinygemm_missing), `fused`: whether the Triton kernel runs."""
     M, K = shape
     rows = _BLOCK_ROWS if cap is not None else 16  # the CPU twin packs 16 rows at a time
     fits = M % rows == 0 and inner_k_tiles(K) is not None
-    if bits == 4 and fits and (cap is None or cap >= (8, 0)) and tokens <= TINYGEMM_MAX_TOKENS:
-        return "tinygemm-int4"
-    return "dequant-gemm-" + str(gemm_dtype(cap)).removeprefix("torch.")
+    dt = str(gemm_dtype(cap)).removeprefix("torch.")
+    if bits == 4 and fits and tinygemm and (cap is None or cap >= (8, 0)):
+        if tokens <= TINYGEMM_MAX_TOKENS:
+            return "tinygemm-int4"
+        if tokens <= TINYGEMM_CHUNKED_MAX_TOKENS:
+            return "tinygemm-int4-chunked"
+        return "dequant-gemm-" + dt
+    if fused and tokens <= FUSED_MAX_TOKENS:
+        return "fused-dequant-" + dt
+    return "dequant-gemm-" + dt
+
+
+def _int4pack(values: torch.Tensor, ikt: int) -> torch.Tensor:
+    """int32 (M, K) values in [0, 15] → tinygemm's packed weight on their device."""
+    if values.device.type == "cuda":
+        return torch.ops.aten._convert_weight_to_int4pack(tinygemm_nibbles(values).contiguous(),
+                                                          ikt)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, ikt)
+
+
+def _int4mm(x: torch.Tensor, packed: torch.Tensor, G: int, pairs: torch.Tensor
+            ) -> torch.Tensor:
+    """bf16 x (L <= 16, K) @ the packed weight → (L, M) bf16 (tinygemm or its CPU twin)."""
+    if x.device.type == "cuda":
+        return torch.ops.aten._weight_int4pack_mm(x, packed, G, pairs)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, G, pairs)
+
+
+_MISSING: dict[str, str | None] = {}  # device → why tinygemm cannot run there (probed once)
+
+
+def tinygemm_missing(device: torch.device | str) -> str | None:
+    """One line saying why tinygemm cannot run int4 on `device`, None where it can (module
+    docstring): ROCm, capability < 8.0, or int4 ops that are missing or raise on a probe."""
+    d = torch.device(device)
+    if torch.version.hip:
+        return (f"ROCm build (torch {torch.__version__}): tinygemm's int4 layout differs "
+                f"there; int4 runs {_fallback(d)}")
+    cap = capability(d)
+    if cap is not None and cap < (8, 0):
+        return (f"compute capability {cap[0]}.{cap[1]} < 8.0 has no tinygemm; int4 runs "
+                f"{_fallback(d)}")
+    key = str(d)
+    if key not in _MISSING:
+        try:  # a 16 x 64 weight of zeros through both ops (16 rows: the CPU twin's tile)
+            packed = _int4pack(torch.zeros(16, 64, dtype=torch.int32, device=d), 2)
+            _int4mm(torch.zeros(1, 64, dtype=torch.bfloat16, device=d), packed, 32,
+                    torch.zeros(2, 16, 2, dtype=torch.bfloat16, device=d))
+            _MISSING[key] = None
+        except Exception as e:  # noqa: BLE001  (any failure of the probe: no tinygemm)
+            _MISSING[key] = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) has no "
+                             f"working tinygemm int4 kernel ({type(e).__name__}); int4 runs "
+                             f"{_fallback(d)}")
+    return _MISSING[key]
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernel (cuda_fused.py) runs on `device`."""
+    from . import cuda_fused
+    return cuda_fused.available(torch.device(device))
+
+
+def _fallback(d: torch.device) -> str:
+    return ("the fused Triton kernel" if fused_available(d) else
+            "dequantize + GEMM per call (slow decode: install triton)")
 
 
 def scale_zero_pairs(q: QTensor) -> torch.Tensor:
@@ -124,32 +237,37 @@ def learn_block_perm(pack: Callable[[torch.Tensor], torch.Tensor], ikt: int,
     return perm
 
 
-def _cuda_pack(values: torch.Tensor, ikt: int) -> torch.Tensor:
-    return torch.ops.aten._convert_weight_to_int4pack(tinygemm_nibbles(values).contiguous(), ikt)
-
-
 _PERMS: dict[tuple[str, int], torch.Tensor] = {}  # (device, ikt) → learnt block permutation
 
 
 def prepare(q: QTensor) -> QTensor:
     """Repack an int4 weight for tinygemm on its device (q's tensors' device); other weights
-    (int8, shapes tinygemm cannot tile, GPUs below capability 8.0) come back unchanged."""
+    (int8, shapes tinygemm cannot tile, devices or builds without tinygemm) come back
+    unchanged: the fused and dequantize kernels read the stored layout."""
     dev = q.qweight.device
-    if isinstance(q, TinyGemmQTensor) or kernel_for(q.spec.bits, q.shape, 1,
-                                                    capability(dev)) != "tinygemm-int4":
+    if isinstance(q, TinyGemmQTensor) or q.spec.bits != 4 or kernel_for(
+            4, q.shape, 1, capability(dev), tinygemm=tinygemm_missing(dev) is None
+    ) != "tinygemm-int4":
         return q
     ikt = inner_k_tiles(q.shape[1])
     assert ikt is not None
     values = unpack_int4(q.qweight, q.spec.group_size).to(torch.int32)  # (M, K)
     pairs = scale_zero_pairs(q).to(torch.bfloat16)
+    packed = _int4pack(values, ikt)
     if dev.type == "cuda":
         key = (str(dev), ikt)
         if key not in _PERMS:
-            _PERMS[key] = learn_block_perm(lambda v: _cuda_pack(v, ikt), ikt, dev)
-        return TinyGemmQTensor(_cuda_pack(values, ikt), pairs, None, q.shape, q.spec, ikt,
-                               _PERMS[key])
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, ikt)
+            _PERMS[key] = learn_block_perm(lambda v: _int4pack(v, ikt), ikt, dev)
+        return TinyGemmQTensor(packed, pairs, None, q.shape, q.spec, ikt, _PERMS[key])
     return TinyGemmQTensor(packed, pairs, None, q.shape, q.spec, ikt, None, values)
+
+
+def weight_bytes(p: QTensor) -> int:
+    """Bytes of weight memory one matmul reads for a prepared weight: the packed weight and
+    its scale/zero pairs, or the stored tensors (the CPU twin's extra copy of the values and
+    the shared block permutation are not read per call)."""
+    ts = (p.qweight, p.scales, p.zeros)
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def packed_values(q: TinyGemmQTensor, r0: int, r1: int) -> torch.Tensor:
@@ -179,24 +297,61 @@ def dequantize_rows(q: QTensor, r0: int, r1: int, dtype: torch.dtype) -> torch.T
 
 
 def qmatmul(x: torch.Tensor, q: QTensor) -> torch.Tensor:
-    """x (L, K) @ W.T → (L, M) float32, on x's device (q's tensors live there too)."""
+    """x (L, K) @ W.T → (L, M) float32, on x's device (q's tensors live there too), by the
+    kernel `kernel_for` names (module docstring)."""
     assert x.dim() == 2 and x.shape[1] == q.shape[1], (tuple(x.shape), q.shape)
     L = x.shape[0]
     M, K = q.shape
     cap = capability(x.device)
-    if isinstance(q, TinyGemmQTensor) and L <= TINYGEMM_MAX_TOKENS:
-        xb = x.to(torch.bfloat16).contiguous()  # tinygemm wants bf16 activations
-        if x.device.type == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(xb, q.qweight, q.spec.group_size, q.scales)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q.qweight, q.spec.group_size,
-                                                           q.scales)
-        return y.float()
-    dt = gemm_dtype(cap)
-    xd = x.to(dt)
     out = torch.empty(L, M, dtype=torch.float32, device=x.device)
+    if isinstance(q, TinyGemmQTensor) and L <= TINYGEMM_CHUNKED_MAX_TOKENS:
+        xb = x.to(torch.bfloat16).contiguous()  # tinygemm wants bf16 activations
+        for i in range(0, L, TINYGEMM_MAX_TOKENS):
+            out[i:i + TINYGEMM_MAX_TOKENS] = _int4mm(xb[i:i + TINYGEMM_MAX_TOKENS], q.qweight,
+                                                     q.spec.group_size, q.scales)
+        return out
+    dt = gemm_dtype(cap)
+    xd, s = half_rows(x) if dt == torch.float16 else (x.to(dt), None)
+    if not isinstance(q, TinyGemmQTensor) and L <= FUSED_MAX_TOKENS \
+            and fused_available(x.device):
+        from . import cuda_fused
+        y = cuda_fused.qmm(xd, q)
+        return y if s is None else y.mul_(s)
     step = max(_BLOCK_ROWS, TILE_ELEMS // K // _BLOCK_ROWS * _BLOCK_ROWS)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         out[:, r0:r1] = xd @ dequantize_rows(q, r0, r1, dt).T  # (L, rows)
-    return out
+    return out if s is None else out.mul_(s)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: int) -> torch.Tensor:
+    """layers.attention's contract (q (H, L, Dh) at positions S-L..S-1, k/v (Hkv, >= S, Dh),
+    causal → (H, L, Dh) in q's dtype) in call shapes torch's fused CUDA kernels take:
+
+      one token        no mask, enable_gqa (flash reads the grouped heads as they are)
+      L new tokens     k/v repeated to H heads (memory-efficient attention has no GQA) and
+                       is_causal (S == L), or after a cached prefix the lower-right causal
+                       bias (query i sees keys 0..S-L+i), which flash and memory-efficient
+                       attention apply without a mask tensor; an explicit bool mask with
+                       enable_gqa leaves torch only its math kernel and an (H, L, S) fp32
+                       score matrix
+
+    Below capability 8.0 it computes in float16 (to_dtype: clamped), bf16 being emulated or
+    missing there."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    H, L, Dh = q.shape
+    Hkv = k.shape[0]
+    dt = compute_dtype(q.dtype, capability(q.device))
+    qd, kd, vd = (to_dtype(t, dt) for t in (q, k[:, :S], v[:, :S]))
+    if L == 1:
+        o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], enable_gqa=Hkv != H)
+    else:
+        if Hkv != H:  # head h reads KV head h // (H / Hkv)
+            kd, vd = kd.repeat_interleave(H // Hkv, 0), vd.repeat_interleave(H // Hkv, 0)
+        if S == L:
+            o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True)
+        else:
+            o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None],
+                                               attn_mask=causal_lower_right(L, S))
+    return o[0].to(q.dtype)
