@@ -1,0 +1,156 @@
+"""`pixlocal caption --ray` on a Ray cluster the test starts on this machine (loopback only,
+2 CPUs, no dashboard, shut down at the end): 2 workers give the records of one process; a
+worker killed mid-run and the driver killed mid-run lose nothing and write nothing twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from pixlocal.cli.app import app
+from test_caption_scale import make_tree
+from typer.testing import CliRunner
+
+N = 40
+GEN = ["--max-tokens", "12", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray instance for this module: its servers on 127.0.0.1 only (node address
+    = loopback), 2 CPUs, no dashboard; its address for drivers in other processes."""
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is imported
+    ray = pytest.importorskip("ray")
+    tmp = tempfile.mkdtemp(prefix="pxray", dir="/tmp")  # short: Ray's socket paths have a limit
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR", _temp_dir=tmp)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        assert address.startswith("127.0.0.1:"), address
+        yield address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_ckpt):
+    """40 images (odd names, nested folders) and the records of one local process."""
+    root = tmp_path_factory.mktemp("raycap")
+    make_tree(root / "pics", n=N)
+    one = root / "one.jsonl"
+    r = CliRunner().invoke(app, ["caption", str(root / "pics"), "-o", str(one), "-m",
+                                 str(tiny_ckpt), *GEN])
+    assert r.exit_code == 0, r.stderr
+    return root / "pics", str(tiny_ckpt), {x["path"]: x for x in records(one)}
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+
+
+def same_as_one_process(out: Path, single: dict) -> None:
+    got = records(out)
+    assert sorted(x["path"] for x in got) == sorted(single)  # one record per image
+    for x in got:
+        assert {k: v for k, v in x.items() if k != "seconds"} == \
+               {k: v for k, v in single[x["path"]].items() if k != "seconds"}
+
+
+def driver(pics: Path, out: Path, model: str, address: str, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "pixlocal.cli.app", "caption", str(pics), "-o", str(out),
+           "-m", model, *GEN, "--ray", address, "--workers", "2", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def wait_for(proc: subprocess.Popen, out: Path, n: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while len(records(out)) < n:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {n} records: {proc.communicate()}")
+        time.sleep(0.005)
+
+
+def caption_workers() -> list[int]:
+    """Pids of the Ray CaptionWorker processes below this test process (the cluster's)."""
+    parent, title = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+                parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+                title[int(d)] = Path(f"/proc/{d}/cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue
+    me = os.getpid()
+
+    def mine(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 1)
+            if pid == me:
+                return True
+        return False
+
+    return [p for p, t in title.items() if t.startswith(b"ray::CaptionWorker") and mine(p)]
+
+
+def test_two_ray_workers_give_the_records_of_one_process(cluster, job, tmp_path):
+    pics, model, single = job
+    out = tmp_path / "ray.jsonl"
+    r = CliRunner().invoke(app, ["caption", str(pics), "-o", str(out), "-m", model, *GEN,
+                                 "--ray", "--workers", "2"])  # the test's Ray instance
+    assert r.exit_code == 0, r.stderr
+    assert "on 2 Ray worker(s)" in r.stderr and f"captioned {N}, failed 0" in r.stderr
+    same_as_one_process(out, single)
+
+
+def test_a_worker_killed_mid_run_loses_nothing(cluster, job, tmp_path):
+    pics, model, single = job
+    out = tmp_path / "ray.jsonl"
+    proc = driver(pics, out, model, cluster)
+    wait_for(proc, out, 5)
+    pids = caption_workers()
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    at_kill = len(records(out))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert at_kill < N, "the run ended before the worker was killed"
+    assert "a Ray worker died" in stderr and f"captioned {N}, failed 0" in stderr
+    same_as_one_process(out, single)
+
+
+def test_the_driver_killed_then_resumed_finishes_the_rest(cluster, job, tmp_path):
+    pics, model, single = job
+    out = tmp_path / "ray.jsonl"
+    proc = driver(pics, out, model, cluster)
+    wait_for(proc, out, 5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    before = records(out)
+    assert 5 <= len(before) < N, "the driver was not killed mid-run"
+
+    proc = driver(pics, out, model, cluster, "--resume")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert f"skipped {len(before)}" in stderr
+    assert records(out)[: len(before)] == before  # what the killed run recorded is kept
+    same_as_one_process(out, single)
