@@ -28,6 +28,32 @@ def test_bench_json(tiny_ckpt, sample_png):
     assert json.loads(r.stdout)["images"] == 1
 
 
+def test_bench_times_after_the_gpu_finishes_and_names_the_plan(tiny_ckpt, monkeypatch):
+    """GPU kernels run asynchronously: every clock read waits for the devices first
+    (backend.synchronize); the run is labelled from the plan, not the embeddings' device
+    (always the CPU). The split here is the cuda backend's CPU twins standing in."""
+    from pixlocal.cli.bench import run_bench
+
+    import pixlocal
+    from pixlocal import loader
+    from pixlocal.generate import Pixtral
+    from pixlocal.kernels import backend
+    enc = pixlocal.load(tiny_ckpt, device="cpu", dtype="float32").encoder
+
+    def split(path, **kw):
+        loaded = loader.load(path, "cpu", "float32", gpu_layers=1, gpu="cpu",
+                             gpu_free=2**33, backends={"cuda": "cuda", "cpu": "ref"})
+        return Pixtral(loaded, enc, tiny_ckpt)
+    monkeypatch.setattr(pixlocal, "load", split)
+    synced = []
+    monkeypatch.setattr(backend, "synchronize", lambda devs: synced.append(set(devs)))
+    r = run_bench(str(tiny_ckpt), n_prompt=8, n_gen=2, image=None, reps=2, device="cpu",
+                  dtype="float32", max_image_size=None)
+    assert r["device"] == "cpu+cuda 1/2 layers"
+    assert len(synced) == 2 + 2 * 4  # warm-up start/end, and prefill and decode per rep
+    assert r["decode_bytes_per_token"] > 0
+
+
 def test_bench_missing_model(tmp_path):
     from pixlocal.cli import bench  # noqa: F401
     r = CliRunner().invoke(app, ["bench", str(tmp_path / "nope")])

@@ -63,19 +63,51 @@ def test_doctor_rejects_a_bad_gpu_layers(runner):
     assert r.exit_code == 2 and "auto" in r.stderr
 
 
-def test_doctor_with_a_fake_8gb_gpu_plans_a_partial_offload(runner, monkeypatch):
+def _fake_gpu(monkeypatch, cap, name, fused=False):
+    from pixlocal.kernels import cuda
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (int(7.4 * gib), 8 * gib))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 6))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake RTX 3070")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+    monkeypatch.setattr(cuda, "capability", lambda d: cap)
+    monkeypatch.setattr(cuda, "_MISSING", {"cuda": None})  # the probe would need a device
+    monkeypatch.setattr(cuda, "fused_available", lambda d: fused)
+
+
+def test_doctor_on_a_turing_card_tells_the_dtypes_it_computes_in(runner, monkeypatch):
+    """Below compute capability 8.0: bfloat16 stays the residual stream's and KV cache's
+    dtype, GEMMs, attention and the vision tower compute in float16 (the loader and the
+    cuda backend do, tests/test_placement.py and test_cuda_logic.py), no tinygemm: int4 and
+    int8 take the fused Triton kernel (or dequantize per call without Triton, and say so)."""
+    _fake_gpu(monkeypatch, (7, 5), "Fake T4", fused=True)
+    r = runner.invoke(app, ["doctor", "--device", "cuda", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert "float16 GEMMs, attention and vision encoder" in info["gpu"]["dtypes"]
+    assert "7.5 < 8.0" in info["gpu"]["tinygemm"]
+    kinds = {k: gpu for k, _, gpu in info["kernels"]}
+    assert kinds["decoder linear int4"] == "fused-dequant-float16 / dequant-gemm-float16"
+    assert kinds["output head (int8)"] == "fused-dequant-float16 / dequant-gemm-float16"
+    assert kinds["attention"].startswith("torch SDPA float16")
+    assert kinds["vision encoder + adapter"] == "torch float16 (cuBLAS)"
+    _fake_gpu(monkeypatch, (7, 5), "Fake T4", fused=False)
+    r = runner.invoke(app, ["doctor", "--device", "cuda"])
+    assert "not installed" in r.stdout and "dequant-gemm-float16 / dequant" in r.stdout
+
+
+def test_doctor_with_a_fake_8gb_gpu_plans_a_partial_offload(runner, monkeypatch):
+    _fake_gpu(monkeypatch, (8, 6), "Fake RTX 3070")
     r = runner.invoke(app, ["doctor", "--device", "cuda", "--context", "8192", "--json"])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
     assert info["gpu"]["name"] == "Fake RTX 3070" and info["gpu"]["compute_capability"] == "8.6"
+    assert info["gpu"]["dtypes"] == "bfloat16 throughout"
+    assert info["gpu"]["tinygemm"] == "available"
     kinds = {k: gpu for k, _, gpu in info["kernels"]}
     assert kinds["decoder linear int4"] == "tinygemm-int4 / dequant-gemm-bfloat16"
     assert kinds["decoder linear int8"] == "dequant-gemm-bfloat16 / dequant-gemm-bfloat16"
+    assert kinds["attention"].startswith("torch SDPA bfloat16")
     assert 15 <= len(info["plan"]["gpu_layers"]) < 40
     capped = runner.invoke(app, ["doctor", "--device", "cuda", "--max-vram", "2", "--json"])
     assert len(json.loads(capped.stdout)["plan"]["gpu_layers"]) < len(info["plan"]["gpu_layers"])

@@ -58,8 +58,46 @@ def test_24gb_card_holds_everything_and_context_costs_layers(int4_12b):
 
 
 def test_max_vram_caps_the_plan(int4_12b):
+    """--max-vram is a ceiling: the margin (allocator fragmentation, cuBLAS workspace) sits
+    inside it, not on top of it."""
     p = placement.plan(A12, int4_12b, 22 * GiB, 8192, 4096, max_vram=3 * GiB)
-    assert p.budget == 3 * GiB and p.gpu_bytes <= 3 * GiB and 0 < len(p.gpu_layers) < 40
+    assert p.margin >= placement.MARGIN_FIXED and p.budget == 3 * GiB - p.margin
+    assert p.gpu_bytes + p.margin <= 3 * GiB and 0 < len(p.gpu_layers) < 40
+    roomy = placement.plan(A12, int4_12b, 22 * GiB, 8192, 4096)
+    assert roomy.margin > p.margin  # a fraction of what the plan may use
+
+
+def test_max_vram_caps_the_allocator_too(four_layers, monkeypatch):
+    """Past the plan, torch's caching allocator is capped at --max-vram on the GPU (its
+    fraction of the card), so a tensor nobody planned for fails there, not the card."""
+    from types import SimpleNamespace
+
+    from pixlocal import loader
+    from pixlocal.kernels import backend
+    got = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(total_memory=8 * GiB))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, d=None: got.append((f, d)))
+    assert backend.limit_vram("cuda:0", 2 * GiB) == 0.25
+    assert got == [(0.25, torch.device("cuda:0"))]
+    got.clear()
+    monkeypatch.setattr(loader, "is_gpu", lambda d: True)  # the GPU side: the CPU, here
+    monkeypatch.setattr(loader, "limit_vram", lambda d, b: got.append((d, b)))
+    loader.load(four_layers, "cpu", "float32", gpu="cpu", gpu_free=10 * GiB, max_vram=GiB,
+                backends={"cuda": "ref", "cpu": "ref"})
+    assert got == [(torch.device("cpu"), GiB)]
+
+
+def test_the_plan_names_its_devices(int4_12b):
+    """bench and the GPU smoke test print where the decoder runs from the plan (the
+    embeddings always sit on the CPU: they said "cpu" for every run)."""
+    assert placement.plan(A12, int4_12b, None, 8192, 4096).label == "cpu"
+    assert placement.plan(A12, int4_12b, 22 * GiB, 8192, 4096).label == "cuda 40/40 layers"
+    part = placement.plan(A12, int4_12b, int(7.4 * GiB), 8192, 4096)
+    assert part.label == f"cpu+cuda {len(part.gpu_layers)}/40 layers"
+    assert placement.plan(A12, int4_12b, 22 * GiB, 8192, 4096,
+                          gpu_layers=0).label == "cpu+cuda 0/40 layers"  # vision on the GPU
 
 
 def test_explicit_gpu_layers_that_do_not_fit_are_refused_with_a_count_that_does(int4_12b):
@@ -145,6 +183,66 @@ def test_the_plan_splits_layers_and_the_forward_matches(four_layers, sample_png)
     same = _split(four_layers, whole.encoder, {"cuda": "ref", "cpu": "ref"})
     torch.testing.assert_close(same.logits(enc.tokens, enc.images), want, rtol=0, atol=0)
     assert same.generate(msgs, max_tokens=6) == ref.generate(msgs, max_tokens=6)
+
+
+def test_a_partial_offload_keeps_the_fast_cpu_decode_for_its_cpu_layers(four_layers,
+                                                                         sample_png):
+    """The CPU layers of a split decode through the cpu backend's whole-layer kernel
+    (fastdecode), the GPU layers after them as modules: it was off for every layer as soon
+    as one sat on the GPU. Same tokens and logits as the module path."""
+    import pixlocal
+    from pixlocal import kernels
+    if kernels.default_backend("cpu") != "cpu":
+        pytest.skip("the cpu backend needs numba and AVX2")
+    enc = pixlocal.load(four_layers, device="cpu", dtype="float32").encoder
+    m = _split(four_layers, enc, {"cuda": "cuda", "cpu": "cpu"})
+    assert m.fast_decode is not None and m.fast_decode.n == 2  # layers 0 and 1
+    msgs = [{"role": "user", "content": "Tell me a story about a cat"}]
+    e = m.encode(msgs)
+    m.prefill(e)
+    fast = [m.decode(t) for t in (1001, 1002, 1003)]
+    steps = []
+    real = m.fast_decode.stack
+    m.fast_decode.stack = lambda *a: steps.append(1) or real(*a)
+    m.reset()
+    m.prefill(e)
+    assert torch.equal(m.decode(1001), fast[0]) and steps == [1]
+    slow, m.fast_decode = m.fast_decode, None  # the module path for every layer
+    m.reset()
+    m.prefill(e)
+    for t, want in zip((1001, 1002, 1003), fast, strict=True):
+        torch.testing.assert_close(m.decode(t), want, rtol=1e-4, atol=1e-4)
+    assert slow is not None
+
+
+def test_below_compute_capability_8_the_vision_tower_runs_in_fp16(four_layers, sample_png,
+                                                                   monkeypatch):
+    """A bfloat16 load on a GPU below 8.0 (capability mocked on the cuda backend's CPU
+    twins) puts the vision encoder and adapter in float16, and the images are cast on their
+    way in; the decoder's residual stream and KV cache keep bfloat16 (their GEMMs and
+    attention cast per call). The answer matches a float32 reference."""
+    import pixlocal
+    from pixlocal.kernels import cuda
+    whole = pixlocal.load(four_layers, device="cpu", dtype="float32")
+    monkeypatch.setattr(cuda, "capability", lambda d: (7, 5))
+    from pixlocal import loader
+    from pixlocal.generate import Pixtral
+    loaded = loader.load(four_layers, "cpu", "bfloat16", context_len=256, gpu_layers=2,
+                         gpu="cpu", gpu_free=10 * GiB, backends={"cuda": "cuda", "cpu": "ref"})
+    m = Pixtral(loaded, whole.encoder, four_layers)
+    dtypes = {n: p.dtype for n, p in m.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.startswith("vision_")} == {torch.float16}
+    assert dtypes["layers.3.attention_norm.weight"] == torch.bfloat16
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(sample_png)},
+                                         {"type": "text", "text": "What is it?"}]}]
+    enc = whole.encode(msgs)
+    want = whole.image_features(enc.images)
+    got = m.image_features(enc.images)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-2
+    logits = m.logits(enc.tokens, enc.images)
+    ref = whole.logits(enc.tokens, enc.images)
+    assert bool(torch.isfinite(logits).all())
+    assert float((logits - ref).abs().max() / ref.abs().max()) < 5e-2  # bf16 residual stream
 
 
 def test_every_gpu_layer_weight_is_prepared_at_load(four_layers):
