@@ -1,4 +1,6 @@
-"""CUDA backend: torch's tinygemm for int4 decode, dequantize-a-tile + cuBLAS GEMM otherwise.
+"""CUDA backend: torch's tinygemm for int4, a fused Triton group-dequantize GEMM for weights
+in the stored layout (cuda_fused.py), dequantize-a-tile + cuBLAS GEMM for long prefills.
+(Over 300 lines: the tinygemm packing contract, its inverse and the dispatch read as one.)
 
 Functions mirror ref.py (`qmatmul(x, q)` → (L, M) float32) plus `prepare(q)`, which repacks an
 int4 weight once, at load time, for tinygemm. Every op used here has a CPU twin, so the whole
@@ -28,8 +30,9 @@ Which kernel a weight takes (`kernel_for`, also what `doctor` prints):
   tinygemm-int4-chunked  17..TINYGEMM_CHUNKED_MAX_TOKENS tokens (a chat turn): 16-token calls,
                          each reading the packed weight (0.56 byte a weight) again: 13 calls
                          for 200 tokens read 7.3 bytes a weight, where dequantizing the packed
-                         rows to a bf16 tile moves ~30 (int32 nibble unpacking, the block
-                         permutation, float32 arithmetic) before the GEMM reads 2 more
+                         rows to a bf16 tile moves ~56 (int32 nibble unpacking, the block
+                         permutation, float32 arithmetic; packed_values, dequantize_rows)
+                         before the GEMM reads 2 more
   fused-dequant-<dtype>  a stored-layout weight (int8; int4 where tinygemm is missing), up to
                          cuda_fused.FUSED_MAX_TOKENS tokens: the Triton kernel of
                          cuda_fused.py reads the stored bytes once, writes no weight
@@ -48,7 +51,8 @@ its stored layout and takes the fused kernel (or dequant-gemm without Triton).
 Below capability 8.0 the GEMMs and attention compute in float16, and a bf16 hidden state may
 exceed float16's 65504 (inf would poison every later layer): a GEMM's input rows are scaled
 by a power of two into range first and its float32 output scaled back (`half_rows`: exact, the
-fp16 GEMM output stays in range too); attention's inputs are clamped (`to_dtype`).
+fp16 GEMM output stays in range too); attention's inputs are clamped (`to_dtype`,
+cuda_attn.py).
 """
 
 from __future__ import annotations
@@ -58,12 +62,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..qformat import QTensor, decode_scales, dequantize, unpack_int4
 
 # Shapes: L tokens · K in-features · M out-features · G group size · ikt inner k-tiles
-#         H heads · Hkv kv heads · S attended positions · Dh head dim
 
 TINYGEMM_MAX_TOKENS = 16  # tokens one tinygemm call takes (it is a GEMV at heart)
 TINYGEMM_CHUNKED_MAX_TOKENS = 256  # up to here: 16-token tinygemm calls (module docstring)
@@ -303,8 +305,8 @@ def qmatmul(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     L = x.shape[0]
     M, K = q.shape
     cap = capability(x.device)
-    out = torch.empty(L, M, dtype=torch.float32, device=x.device)
     if isinstance(q, TinyGemmQTensor) and L <= TINYGEMM_CHUNKED_MAX_TOKENS:
+        out = torch.empty(L, M, dtype=torch.float32, device=x.device)
         xb = x.to(torch.bfloat16).contiguous()  # tinygemm wants bf16 activations
         for i in range(0, L, TINYGEMM_MAX_TOKENS):
             out[i:i + TINYGEMM_MAX_TOKENS] = _int4mm(xb[i:i + TINYGEMM_MAX_TOKENS], q.qweight,
@@ -317,41 +319,10 @@ def qmatmul(x: torch.Tensor, q: QTensor) -> torch.Tensor:
         from . import cuda_fused
         y = cuda_fused.qmm(xd, q)
         return y if s is None else y.mul_(s)
+    out = torch.empty(L, M, dtype=torch.float32, device=x.device)
     step = max(_BLOCK_ROWS, TILE_ELEMS // K // _BLOCK_ROWS * _BLOCK_ROWS)
     for r0 in range(0, M, step):
         r1 = min(M, r0 + step)
         out[:, r0:r1] = xd @ dequantize_rows(q, r0, r1, dt).T  # (L, rows)
     return out if s is None else out.mul_(s)
 
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: int) -> torch.Tensor:
-    """layers.attention's contract (q (H, L, Dh) at positions S-L..S-1, k/v (Hkv, >= S, Dh),
-    causal → (H, L, Dh) in q's dtype) in call shapes torch's fused CUDA kernels take:
-
-      one token        no mask, enable_gqa (flash reads the grouped heads as they are)
-      L new tokens     k/v repeated to H heads (memory-efficient attention has no GQA) and
-                       is_causal (S == L), or after a cached prefix the lower-right causal
-                       bias (query i sees keys 0..S-L+i), which flash and memory-efficient
-                       attention apply without a mask tensor; an explicit bool mask with
-                       enable_gqa leaves torch only its math kernel and an (H, L, S) fp32
-                       score matrix
-
-    Below capability 8.0 it computes in float16 (to_dtype: clamped), bf16 being emulated or
-    missing there."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    H, L, Dh = q.shape
-    Hkv = k.shape[0]
-    dt = compute_dtype(q.dtype, capability(q.device))
-    qd, kd, vd = (to_dtype(t, dt) for t in (q, k[:, :S], v[:, :S]))
-    if L == 1:
-        o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], enable_gqa=Hkv != H)
-    else:
-        if Hkv != H:  # head h reads KV head h // (H / Hkv)
-            kd, vd = kd.repeat_interleave(H // Hkv, 0), vd.repeat_interleave(H // Hkv, 0)
-        if S == L:
-            o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True)
-        else:
-            o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None],
-                                               attn_mask=causal_lower_right(L, S))
-    return o[0].to(q.dtype)
