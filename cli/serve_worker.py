@@ -73,6 +73,7 @@ class Worker:
         self._running: Job | None = None
         self._seconds = 0.0  # a running mean of job time, for Retry-After
         self.finished = self.cancelled = 0  # jobs run to their end; stopped by their client
+        self.tokens = 0  # generated, all jobs together
         self._thread = threading.Thread(target=self._main, name="pixlocal-worker", daemon=True)
 
     def start(self) -> None:
@@ -133,7 +134,7 @@ class Worker:
             return {"status": "ok" if self.state == "ready" else self.state,
                     "running": int(running), "queued": len(self._queue),
                     "admitted": self._admitted, "finished": self.finished,
-                    "cancelled": self.cancelled}
+                    "cancelled": self.cancelled, "tokens": self.tokens}
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the mean job time times the jobs ahead."""
@@ -161,9 +162,6 @@ class Worker:
             finally:
                 with self._lock:
                     self._running = None
-                    job.done = True  # (also when _run failed)
-                    self.finished += job.why != "client"
-                    self.cancelled += job.why == "client"
                 self._seconds = 0.8 * self._seconds + 0.2 * (time.perf_counter() - t0) \
                     if self._seconds else time.perf_counter() - t0
 
@@ -183,6 +181,7 @@ class Worker:
         steps = model.stream_encoded(job.enc, **job.sampling)
         try:
             for step in steps:
+                self.tokens += 1
                 job.put(Event("step", step, model.images_encoded - before))
                 if job.cancelled.is_set():
                     break
@@ -197,4 +196,6 @@ class Worker:
             steps.close()
         with self._lock:  # done before the client can see its last event: no late cancel
             job.done = True
+            self.finished += job.why != "client"
+            self.cancelled += job.why == "client"
         job.put(last)
