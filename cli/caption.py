@@ -507,7 +507,7 @@ def caption(
                                  param_hint="--workers")
     if ray is not None:
         from .caption_ray import check_address, import_ray
-        check_address(ray, inputs)
+        check_address(ray)
     if fmt not in ("jsonl", "csv", "txt"):
         raise typer.BadParameter(f"{fmt!r} is not one of jsonl, csv, txt", param_hint="--format")
     if resume and overwrite:

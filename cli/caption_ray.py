@@ -39,15 +39,12 @@ BATCH = 8  # most images handed to a worker at once (a dead worker's loss is at 
 LOAD_DEATHS = 2  # per worker slot: workers that died while loading before the run gives up
 
 
-def check_address(value: str, inputs: list[Path]) -> None:
-    """--ray's optional value: a usage error for what is not a Ray address (click takes the
-    word after a bare --ray as its value, so `--ray pics/` would swallow the folder)."""
-    if re.fullmatch(RAY_ADDRESS, value):
-        return
-    hint = (": it looks like a folder; put --ray after the folders, or write --ray=ADDRESS"
-            if Path(value).exists() else "")
-    raise typer.BadParameter(f"{value!r} is not a Ray address (host:port, ray://host:port "
-                             f"or auto){hint}", param_hint="--ray")
+def check_address(value: str) -> None:
+    """--ray's value (a bare --ray is --ray=local: caption.CaptionCommand): a usage error
+    for what is not a Ray address."""
+    if not re.fullmatch(RAY_ADDRESS, value):
+        raise typer.BadParameter(f"{value!r} is not a Ray address (host:port, "
+                                 "ray://host:port, auto or local)", param_hint="--ray")
 
 
 def import_ray(local: bool) -> Any:
@@ -244,6 +241,9 @@ def _schedule(ray: Any, slots: list[Slot], spawn: Any, todo: list[Path], sink: S
                             if s.deaths >= LOAD_DEATHS:
                                 raise PixlocalError("Ray workers keep dying while loading the "
                                                     f"model: {_first_line(e)}") from None
+                            err.print(f"[yellow]a Ray worker died while loading[/yellow] "
+                                      f"({escape(_first_line(e))}); starting another",
+                                      soft_wrap=True)
                             slots[slots.index(s)] = spawn(s.deaths + 1)
                             continue
                         if failure:

@@ -4,6 +4,7 @@ or doubled and writes nothing then, and the prompt's text before the image is co
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -187,8 +188,10 @@ def test_merge_checks_and_refuses(tmp_path):
 
     # csv in, csv out (the caption CSV's columns); stdout without -o
     c = tmp_path / "c.csv"
-    c.write_text("path,caption,error,tokens,seconds\n" + "".join(
-        f'"{p}","say ""hi"", {i}",,1,0.1\n' for i, p in enumerate(imgs)))
+    with open(c, "w", newline="") as f:  # as a caption run writes it, in its order
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "caption", "error", "tokens", "seconds"])
+        w.writerows([p, f'say "hi", {i}', "", 1, 0.1] for i, p in enumerate(order))
     r = run("merge", str(c), "--images", str(pics))
     assert r.exit_code == 0, r.stderr
     assert r.stdout == c.read_text()
