@@ -260,7 +260,8 @@ def _sdpa_calls(monkeypatch):
 def test_cuda_attention_takes_a_fused_kernel_and_answers_as_before(L, S, monkeypatch):
     """Prefill with a cached prefix (L < S) used a bool mask with enable_gqa: flash takes no
     mask, memory-efficient attention no GQA, so torch ran its math kernel. Now: K/V repeated
-    to H heads and a lower-right causal bias (no mask tensor), same numbers."""
+    to H heads and a lower-right causal bias (no mask tensor); a decode token without GQA
+    (flash, which has it, needs capability 8.0); same numbers."""
     from torch.nn.attention.bias import CausalBias, CausalVariant
 
     from pixlocal.kernels.backend import get
@@ -275,8 +276,9 @@ def test_cuda_attention_takes_a_fused_kernel_and_answers_as_before(L, S, monkeyp
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     (c,) = calls
     assert c["q"].dim() == 4 and c["k"].shape[-2] == S  # batched, the attended keys only
-    if L == 1:
-        assert c["mask"] is None and not c["causal"]  # flash takes GQA as it is
+    if L == 1:  # the grouped query heads as rows of their KV head: nothing to mask
+        assert c["mask"] is None and not c["causal"] and not c["gqa"]
+        assert c["q"].shape == (1, Hkv, H // Hkv, Dh) and c["k"].shape[1] == Hkv
     else:
         assert c["k"].shape[1] == H and not c["gqa"]
         assert not isinstance(c["mask"], torch.Tensor) or isinstance(c["mask"], CausalBias)

@@ -16,7 +16,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: int) -> torc
     """layers.attention's contract (q (H, L, Dh) at positions S-L..S-1, k/v (Hkv, >= S, Dh),
     causal → (H, L, Dh) in q's dtype) in call shapes torch's fused CUDA kernels take:
 
-      one token        no mask, enable_gqa (flash reads the grouped heads as they are)
+      one token        no mask, and the H / Hkv query heads of a KV head as that head's
+                       query rows (one token sees every key, so no mask tells them apart):
+                       no GQA flag and no repeated K/V, which every fused kernel takes
       L new tokens     k/v repeated to H heads (memory-efficient attention has no GQA) and
                        is_causal (S == L), or after a cached prefix the lower-right causal
                        bias (query i sees keys 0..S-L+i), which flash and memory-efficient
@@ -32,14 +34,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: int) -> torc
     Hkv = k.shape[0]
     dt = cuda.compute_dtype(q.dtype, cuda.capability(q.device))
     qd, kd, vd = (cuda.to_dtype(t, dt) for t in (q, k[:, :S], v[:, :S]))
-    if L == 1:
-        o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], enable_gqa=Hkv != H)
+    if L == 1:  # (1, Hkv, H / Hkv, Dh): head h is row h % (H / Hkv) of KV head h // (H / Hkv)
+        o = F.scaled_dot_product_attention(qd.reshape(1, Hkv, H // Hkv, Dh), kd[None],
+                                           vd[None])
+        return o.reshape(H, 1, Dh).to(q.dtype)
+    if Hkv != H:  # head h reads KV head h // (H / Hkv)
+        kd, vd = kd.repeat_interleave(H // Hkv, 0), vd.repeat_interleave(H // Hkv, 0)
+    if S == L:
+        o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True)
     else:
-        if Hkv != H:  # head h reads KV head h // (H / Hkv)
-            kd, vd = kd.repeat_interleave(H // Hkv, 0), vd.repeat_interleave(H // Hkv, 0)
-        if S == L:
-            o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None], is_causal=True)
-        else:
-            o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None],
-                                               attn_mask=causal_lower_right(L, S))
+        o = F.scaled_dot_product_attention(qd[None], kd[None], vd[None],
+                                           attn_mask=causal_lower_right(L, S))
     return o[0].to(q.dtype)
