@@ -444,9 +444,10 @@ def progress_bar() -> Progress:
                     TimeRemainingColumn(), console=err, transient=False)
 
 
-def summary(done: int, failed: int, skipped: int, secs: float, cached: int) -> str:
+def summary(done: int, failed: int, skipped: int, secs: float, cached: int,
+            note: str = "") -> str:
     return (f"captioned {done}, failed {failed}" + (f", skipped {skipped}" if skipped else "")
-            + f" in {secs:.1f} s ({(done + failed) / secs:.2f} img/s)"
+            + f" in {secs:.1f} s ({(done + failed) / max(secs, 1e-9):.2f} img/s{note})"
             + (f"; {cached} prompt tokens reused from the cache" if cached else ""))
 
 

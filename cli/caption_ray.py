@@ -186,7 +186,7 @@ def _schedule(ray: Any, slots: list[Slot], spawn: Any, todo: list[Path], sink: S
     written: set[str] = set()
     done = failed = cached = 0
     batch = max(1, min(BATCH, len(todo) // (4 * len(slots))))
-    t0 = time.perf_counter()
+    t0, t_up = time.perf_counter(), 0.0
 
     def record(rec: dict[str, Any]) -> None:
         nonlocal done, failed
@@ -250,6 +250,7 @@ def _schedule(ray: Any, slots: list[Slot], spawn: Any, todo: list[Path], sink: S
                             raise PixlocalError(f"a Ray worker on {node} cannot load the "
                                                 f"model: {failure}")
                         s.state = "idle"
+                        t_up = t_up or time.perf_counter()  # captioning starts
                         up = sum(x.state != "loading" for x in slots)
                         progress.update(task, description=f"captioning on {up} worker(s)")
                         continue
@@ -270,7 +271,9 @@ def _schedule(ray: Any, slots: list[Slot], spawn: Any, todo: list[Path], sink: S
         err.print(f"[yellow]interrupted[/yellow] after {done} captioned, {failed} failed; "
                   "what is recorded is kept: rerun with --resume to finish")
         raise typer.Exit(130) from None
-    err.print(summary(done, failed, skipped, time.perf_counter() - t0, cached))
+    t1 = time.perf_counter()
+    up = f", after {t_up - t0:.1f} s starting the workers" if t_up else ""
+    err.print(summary(done, failed, skipped, t1 - (t_up or t0), cached, up))
     if failed:
         raise typer.Exit(1)
 
