@@ -135,7 +135,8 @@ def gather(device: str, gpu_layers: str, max_vram: float | None, model: str | No
     free_b = info["gpu"]["free_vram_bytes"] if info["gpu"] else None
     plan = placement.plan(args, sizes, free_b, min(context, args.max_seq_len),
                           memory.image_tokens(args), layers,  # type: ignore[arg-type]
-                          None if max_vram is None else int(max_vram * placement.GiB))
+                          None if max_vram is None else int(max_vram * placement.GiB),
+                          int4_pairs=tinygemm)
     info["plan"] = {"model": what, "gpu_layers": plan.gpu_layers, "text": describe_plan(plan)}
     return info
 

@@ -124,8 +124,11 @@ def load(path: str | Path, device: str | torch.device = "auto",
     ckpt = open_checkpoint(model_dir, args)
     gpu_dev = torch.device(gpu) if gpu is not None else dev
     free = gpu_free if gpu_free is not None else free_vram(dev)
+    gpu_backend = (get(backends["cuda"]) if backends and "cuda" in backends
+                   else for_device(gpu_dev) if free is not None else None)
     p = plan(args, checkpoint_bytes(ckpt, dt), free, min(context_len, args.max_seq_len),
-             image_tokens(args, max_image_size), gpu_layers, max_vram, dt.itemsize)
+             image_tokens(args, max_image_size), gpu_layers, max_vram, dt.itemsize,
+             gpu_backend is not None and gpu_backend.int4_pairs(gpu_dev))
     if max_vram is not None and p.free_vram is not None and is_gpu(gpu_dev):
         limit_vram(gpu_dev, max_vram)
     devices = {part: gpu_dev if p.on_gpu(part) else CPU for part in p.devices}

@@ -105,9 +105,11 @@ class Plan:
 
 def plan(args: PixtralArgs, tensor_bytes: Mapping[str, int], free_vram: int | None,
          context_len: int, largest_image_patches: int, gpu_layers: GpuLayers = "auto",
-         max_vram: int | None = None, itemsize: int = 2) -> Plan:
+         max_vram: int | None = None, itemsize: int = 2, int4_pairs: bool = True) -> Plan:
     """Split the model between CPU and GPU (module docstring). PixlocalError if an explicit
-    `gpu_layers` cannot fit."""
+    `gpu_layers` cannot fit. `int4_pairs`: the GPU repacks int4 for tinygemm, whose bf16
+    (scale, zero) pairs take 4 bytes a group where the file has 2 (not below compute
+    capability 8.0, on ROCm or without tinygemm: the stored layout stays)."""
     n = args.n_layers
     if context_len < 1:
         raise PixlocalError(f"context length must be >= 1 token, got {context_len}")
@@ -121,7 +123,7 @@ def plan(args: PixtralArgs, tensor_bytes: Mapping[str, int], free_vram: int | No
     extra = dict.fromkeys(weights, 0)  # on the GPU an int4 weight's 2 bytes of scale and zero
     for name, b in tensor_bytes.items():  # per group become tinygemm's 4-byte bf16 pair
         weights[part_of(name)] += b
-        if name.endswith(".zeros"):
+        if name.endswith(".zeros") and int4_pairs:
             extra[part_of(name)] += 2 * b
     kv = kv_bytes_per_layer(args, context_len, itemsize)
     act_v, act_d = activation_bytes(args, context_len, largest_image_patches, itemsize)

@@ -89,6 +89,19 @@ def test_max_vram_caps_the_allocator_too(four_layers, monkeypatch):
     assert got == [(torch.device("cpu"), GiB)]
 
 
+def test_the_plan_counts_int4_as_the_gpu_holds_it(int4_12b):
+    """tinygemm widens int4's scale and zero codes (2 bytes a group) to a bf16 pair (4);
+    where the GPU has no tinygemm (below 8.0, ROCm) the stored layout stays, and the
+    0.68 GB the pairs would take go to more layers on an 8 GB card."""
+    free = int(7.4 * GiB)
+    pairs = placement.plan(A12, int4_12b, free, 8192, 4096)
+    stored = placement.plan(A12, int4_12b, free, 8192, 4096, int4_pairs=False)
+    zeros = sum(b for n, b in int4_12b.items() if n.startswith("layers.0.") and
+                n.endswith(".zeros"))
+    assert pairs.weights["layers.39"] == stored.weights["layers.39"] + 2 * zeros
+    assert len(stored.gpu_layers) > len(pairs.gpu_layers)
+
+
 def test_the_plan_names_its_devices(int4_12b):
     """bench and the GPU smoke test print where the decoder runs from the plan (the
     embeddings always sit on the CPU: they said "cpu" for every run)."""
@@ -230,6 +243,11 @@ def test_below_compute_capability_8_the_vision_tower_runs_in_fp16(four_layers, s
     loaded = loader.load(four_layers, "cpu", "bfloat16", context_len=256, gpu_layers=2,
                          gpu="cpu", gpu_free=10 * GiB, backends={"cuda": "cuda", "cpu": "ref"})
     m = Pixtral(loaded, whole.encoder, four_layers)
+    # no tinygemm below 8.0: the GPU layers keep the stored int4 layout, and the plan counts
+    # it (not tinygemm's 4-byte pairs per group)
+    stored = memory.checkpoint_bytes(m.checkpoint, torch.bfloat16)
+    assert loaded.plan.weights["layers.3"] == sum(b for n, b in stored.items()
+                                                  if n.startswith("layers.3."))
     dtypes = {n: p.dtype for n, p in m.model.named_parameters()}
     assert {d for n, d in dtypes.items() if n.startswith("vision_")} == {torch.float16}
     assert dtypes["layers.3.attention_norm.weight"] == torch.bfloat16

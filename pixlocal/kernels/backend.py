@@ -79,6 +79,11 @@ class Backend:
         """The dtype a part loaded in `dtype` on `device` computes in."""
         return dtype
 
+    def int4_pairs(self, device: torch.device) -> bool:
+        """Whether prepare() widens int4's 1-byte scale and zero codes to a 4-byte pair per
+        group on `device` (the plan counts it)."""
+        return False
+
     def fuse(self, ps: list[Any]) -> tuple[Any, list[Any]] | None:
         """Prepared weights sharing their input stacked by rows into one (one qmatmul reads
         them all), with each as a view into it; None where this backend does not stack."""
@@ -135,6 +140,9 @@ class CudaBackend(Backend):
     def compute_dtype(self, device: torch.device, dtype: torch.dtype) -> torch.dtype:
         out: torch.dtype = self.k.compute_dtype(dtype, self.k.capability(device))
         return out
+
+    def int4_pairs(self, device: torch.device) -> bool:
+        return self.k.tinygemm_missing(device) is None  # tinygemm's bf16 (scale, zero)
 
 
 KINDS: dict[str, type[Backend]] = {"ref": Backend, "cpu": CpuBackend, "cuda": CudaBackend}
