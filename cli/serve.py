@@ -51,6 +51,7 @@ def serve(
         envvar="PIXLOCAL_API_KEY", show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")] = None,
     allow_image_urls: Annotated[bool, typer.Option(
+        "--allow-image-urls",
         help="Fetch http(s) image URLs (off: only data: URIs; the server would fetch any "
              "address a client names).")] = False,
     max_tokens: Annotated[int, typer.Option(

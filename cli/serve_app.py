@@ -96,7 +96,7 @@ async def chat_completions(request: Request, srv: Server) -> Response:
         raise api.ApiError(503, f"the server is busy ({srv.worker.max_queue} requests "
                            "queued); retry later", code="queue_full",
                            headers={"Retry-After": str(srv.worker.retry_after())})
-    handed_over = False
+    handed_over, answer = False, None
     try:
         loop = asyncio.get_running_loop()
         enc, max_tokens = await loop.run_in_executor(srv.prep, prepare, model, req, srv.limits)
@@ -105,20 +105,18 @@ async def chat_completions(request: Request, srv: Server) -> Response:
         answer = Answer(srv.worker, job, req, len(enc.tokens))
         answer.watch(request.receive)
         first = await answer.first()
-        headers = answer.headers()
         if req.stream:
-            handed_over = True
-            return EventStream(answer.sse(first), on_close=lambda: (answer.close(),
-                                                                    srv.worker.release()),
-                               headers={**SSE_HEADERS, **headers})
-        try:
-            text = await answer.text(first)
-        finally:
-            answer.close()
+            handed_over, a = True, answer
+            return EventStream(a.sse(first), on_close=lambda: (a.close(), srv.worker.release()),
+                               headers={**SSE_HEADERS, **a.headers()})
+        text = await answer.text(first)
         return JSONResponse(api.completion(answer.id, answer.created, req.model, text,
-                                           answer.finish, answer.usage()), headers=headers)
+                                           answer.finish, answer.usage()),
+                            headers=answer.headers())
     finally:
         if not handed_over:
+            if answer is not None:
+                answer.close()
             srv.worker.release()
 
 

@@ -600,6 +600,45 @@ def test_request_parsing_maps_openai_fields():
     assert ok.images[0].param == "messages[0].content[0].image_url"
 
 
+def test_image_urls_are_fetched_only_when_allowed_and_within_limits(tiny_model, sample_png):
+    """--allow-image-urls: the preparing step downloads with the size limit (413 above it)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pixlocal.cli.serve_app import prepare
+    body = sample_png.read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/a.png"
+        msgs = {"model": "m", "max_tokens": 2, "messages": [user({"type": "image_url",
+                                                                  "image_url": {"url": url}})]}
+        with pytest.raises(api.ApiError) as e:
+            api.parse_request(msgs, ["m"], api.Limits())
+        assert e.value.status == 400 and e.value.code == "image_url_not_allowed"
+        limits = api.Limits(allow_urls=True)
+        enc, max_tokens = prepare(tiny_model, api.parse_request(msgs, ["m"], limits), limits)
+        assert len(enc.images) == 1 and max_tokens == 2
+        small = api.Limits(allow_urls=True, max_image_bytes=len(body) - 1)
+        with pytest.raises(api.ApiError) as e:
+            prepare(tiny_model, api.parse_request(msgs, ["m"], small), small)
+        assert e.value.status == 413 and e.value.param == "messages[0].content[0].image_url"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_sigterm_cancels_the_stream_in_flight_and_exits_0(server, sample_png):
     """Last: it stops the module's server."""
     body = {"model": "tiny", "stream": True, "temperature": 0, "max_tokens": 1900,
