@@ -48,12 +48,13 @@ INTERPRETED = bool(triton is not None and triton.knobs.runtime.interpret)
 # Shapes: L tokens · K in-features · M out-features · G group size · N = K // G groups
 
 FUSED_MAX_TOKENS = 256  # more tokens: compute-bound, the dequantize tile + cuBLAS path
-BLOCK_L, BLOCK_M = 16, 64  # tl.dot needs >= 16 in every dimension
+BLOCK_L, BLOCK_M = 16, 32  # tl.dot needs >= 16 a dimension; 32 rows: 160 programs for
+# a 5120-row decode GEMV (an untuned choice: no GPU measured it yet)
 
 
 def _kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, L, M, K, sx, sy,  # noqa: ANN001, ANN202
-            G: tl.constexpr, INT4: tl.constexpr, DOT: tl.constexpr, BL: tl.constexpr,
-            BM: tl.constexpr, BK: tl.constexpr):
+            G: tl.constexpr, INT4: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+            BL: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     rl = tl.program_id(1) * BL + tl.arange(0, BL)  # (BL,) tokens
     rm = tl.program_id(0) * BM + tl.arange(0, BM)  # (BM,) output rows
     j = tl.arange(0, BK)  # (BK,) stored columns of this step
@@ -76,8 +77,8 @@ def _kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, L, M, K, sx, sy,  # noqa: ANN001,
             x_lo = tl.load(x_ptr + rl[:, None] * sx + lo[None, :], mask=ml[:, None], other=0)
             x_hi = tl.load(x_ptr + rl[:, None] * sx + (lo + G // 2)[None, :], mask=ml[:, None],
                            other=0)
-            acc += tl.dot(x_lo.to(DOT), tl.trans(w_lo), input_precision="ieee")
-            acc += tl.dot(x_hi.to(DOT), tl.trans(w_hi), input_precision="ieee")
+            acc += tl.dot(x_lo.to(DOT), tl.trans(w_lo), input_precision=PREC)
+            acc += tl.dot(x_hi.to(DOT), tl.trans(w_hi), input_precision=PREC)
     else:
         for c0 in range(0, K, BK):
             c = c0 + j
@@ -85,7 +86,7 @@ def _kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, L, M, K, sx, sy,  # noqa: ANN001,
             s = tl.load(s_ptr + rm[:, None] * N + (c // G)[None, :], mask=mm[:, None], other=0)
             w = (q.to(tl.float32) * s.to(tl.float32)).to(DOT)  # (BM, BK)
             x = tl.load(x_ptr + rl[:, None] * sx + c[None, :], mask=ml[:, None], other=0)
-            acc += tl.dot(x.to(DOT), tl.trans(w), input_precision="ieee")
+            acc += tl.dot(x.to(DOT), tl.trans(w), input_precision=PREC)
     tl.store(y_ptr + rl[:, None] * sy + rm[None, :], acc, mask=ml[:, None] & mm[None, :])
 
 
@@ -123,6 +124,8 @@ def qmm(x: torch.Tensor, q: QTensor) -> torch.Tensor:
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(L, BLOCK_L))
     _compiled()[grid](x, q.qweight, q.scales, z, y, L, M, K, x.stride(0), y.stride(0),
                                G=q.spec.group_size, INT4=int4,
-                               DOT=getattr(tl, _DOT[x.dtype]), BL=BLOCK_L, BM=BLOCK_M,
+                               DOT=getattr(tl, _DOT[x.dtype]),
+                               PREC="ieee" if x.dtype == torch.float32 else None,  # no tf32
+                               BL=BLOCK_L, BM=BLOCK_M,
                                BK=block_k(q))
     return y
