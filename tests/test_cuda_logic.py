@@ -334,6 +334,61 @@ def test_cuda_int8_matches_reference():
     assert _rel(cuda.qmatmul(x.cuda(), dq).cpu(), ref.qmatmul(x, q)) < BF16_REL
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("L,S", [(1, 300), (64, 64), (40, 300)])
+def test_cuda_attention_never_falls_back_to_the_math_kernel(L, S):
+    """With only the fused kernels allowed, every call shape runs (a math fallback raises),
+    and answers as the float32 math does."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pixlocal.kernels.cuda_attn import attention as cuda_attention
+    from pixlocal.layers import attention
+    H, Hkv, Dh = 32, 8, 128
+    q = torch.randn(H, L, Dh, device="cuda")
+    k, v = torch.randn(Hkv, S + 5, Dh, device="cuda"), torch.randn(Hkv, S + 5, Dh, device="cuda")
+    half = cuda.compute_dtype(torch.bfloat16, torch.cuda.get_device_capability())
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.CUDNN_ATTENTION]):
+        got = cuda_attention(q.to(half), k.to(half), v.to(half), S)
+    want = attention(q, k, v, S)
+    assert _rel(got.float(), want) < BF16_REL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_weights_in_the_stored_layout_take_the_fused_kernel(bits, monkeypatch):
+    """int8 (and int4, tinygemm refused here as on ROCm) on a CUDA device: Triton's fused
+    kernel, never a whole-weight dequantization, for decode and a chat turn."""
+    from pixlocal.kernels import cuda_fused
+    if not cuda_fused.available(torch.device("cuda")):
+        pytest.skip("needs triton")
+    if bits == 4:
+        monkeypatch.setattr(cuda, "tinygemm_missing", lambda d: "refused for the test")
+    monkeypatch.setattr(cuda, "dequantize_rows", lambda *a: pytest.fail("dequantized"))
+    q = _q(256, 1024, bits, 32)
+    dq = type(q)(q.qweight.cuda(), q.scales.cuda(), None if q.zeros is None else
+                 q.zeros.cuda(), q.shape, q.spec)
+    assert cuda.prepare(dq) is dq
+    for L in (1, 40):
+        x = torch.randn(L, 1024)
+        assert _rel(cuda.qmatmul(x.cuda(), dq).cpu(), ref.qmatmul(x, q)) < BF16_REL
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_chat_turn_through_chunked_tinygemm():
+    if cuda.tinygemm_missing("cuda") is not None:
+        pytest.skip(cuda.tinygemm_missing("cuda"))
+    q = _q(256, 1024, 4, 32)
+    dq = type(q)(q.qweight.cuda(), q.scales.cuda(), q.zeros.cuda(), q.shape, q.spec)
+    p = cuda.prepare(dq)
+    assert isinstance(p, cuda.TinyGemmQTensor)
+    x = torch.randn(40, 1024)
+    assert _rel(cuda.qmatmul(x.cuda(), p).cpu(), ref.qmatmul(x, q)) < BF16_REL
+
+
 def test_bytes_per_token_count_what_the_kernels_read_not_the_emptied_buffers():
     """On a GPU the loader empties a tinygemm layer's buffers (one copy in VRAM): bench's
     bytes/token must count the packed weight and its bf16 (scale, zero) pairs, not 0."""

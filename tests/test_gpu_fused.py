@@ -61,6 +61,8 @@ def test_the_cuda_backend_runs_it_instead_of_dequantizing_per_call(bits, monkeyp
     written a weight. The fused kernel reads the stored bytes only."""
     if bits == 4:
         monkeypatch.setattr(cuda, "capability", lambda d: (7, 5))
+    if DEV == "cpu":  # the interpreter stands in for the GPU (cuda_fused.available)
+        monkeypatch.setattr(cuda_fused, "available", lambda d: True)
     monkeypatch.setattr(cuda, "dequantize_rows", lambda *a: pytest.fail("dequantized"))
     q = _q(64, 256, bits, 32)
     p = cuda.prepare(q)

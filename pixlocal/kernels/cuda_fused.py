@@ -23,10 +23,10 @@ Bytes read per token: the stored weight, 1 + 2/G bytes a weight for int8 and 1/2
 int4, instead of the dequantize path's read + a float32 tile written and read back (~12 and
 ~18.6 bytes a weight).
 
-Triton is optional: `available()` says whether this kernel can run here. Its CPU twin is
-Triton's own interpreter: with TRITON_INTERPRET=1 set before triton is first imported
-(`INTERPRETED`), `qmm` runs on CPU tensors, as the tests do (in float32 and float16: the
-interpreter computes in numpy, which has no bfloat16).
+Triton is optional: `available()` says whether the cuda backend runs this kernel on a device.
+Its CPU twin is Triton's own interpreter: with TRITON_INTERPRET=1 set before triton is first
+imported (`INTERPRETED`), `qmm` runs on CPU tensors, as the tests do (in float32 and float16:
+the interpreter computes in numpy, which has no bfloat16).
 """
 
 from __future__ import annotations
@@ -91,9 +91,11 @@ def _kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, L, M, K, sx, sy,  # noqa: ANN001,
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel runs on `device`: Triton installed, and the device a GPU (CUDA or
-    ROCm), or the CPU under Triton's interpreter."""
-    return triton is not None and (INTERPRETED or device.type == "cuda")
+    """Whether the cuda backend runs this kernel on `device`: Triton installed and the device
+    a GPU (CUDA or ROCm). On the CPU the backend's twins keep the dequantize path, even under
+    the interpreter (which would run the whole test suite's twins at numpy speed); tests that
+    want the kernel there call `qmm` or stub this."""
+    return triton is not None and device.type == "cuda"
 
 
 @cache
