@@ -528,11 +528,11 @@ def caption(
                                 (f" matching {glob!r}" if glob else ""))
         every = len(files)
         files = in_shard(files, part)
-        if not files:
-            err.print(f"shard {shard}: none of the {every} image(s) falls in this shard")
-            return
-        sink = Sink(fmt, output, resume, overwrite, files)
+        sink = Sink(fmt, output, resume, overwrite, files)  # an empty shard: an empty output
         try:
+            if not files:
+                err.print(f"shard {shard}: none of the {every} image(s) falls in this shard")
+                return
             for group in sink.clashes:
                 err.print(f"note: {' and '.join(p.name for p in group)} in {group[0].parent} "
                           f"share a name: their captions go to "

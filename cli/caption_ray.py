@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .caption import RAY_ADDRESS, Captioner, Sink, _record_path, progress_bar, summary
+from .caption import (
+    RAY_ADDRESS,
+    Captioner,
+    Sink,
+    _record_path,
+    _same_terminal,
+    progress_bar,
+    summary,
+)
 from .common import err, error_line, escape
 
 if TYPE_CHECKING:
@@ -221,6 +229,8 @@ def _schedule(ray: Any, slots: list[Slot], spawn: Any, todo: list[Path], sink: S
 
     try:
         with progress_bar() as progress:
+            if sink.out is None and sink.fmt != "txt" and _same_terminal():
+                sink.console = progress.console  # records print above the bar, not into it
             task = progress.add_task("starting workers", total=len(todo))
             while len(written) < len(todo):
                 for s in slots:
