@@ -55,6 +55,39 @@ def check_address(value: str) -> None:
                                  "ray://host:port, auto or local)", param_hint="--ray")
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    if address in ("local", "auto"):
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def on_loopback(address: str) -> bool:
+    """A cluster on this machine's loopback interface (as `--ray` alone makes one)."""
+    import ipaddress
+    hp = _host_port(address)
+    if hp is None:
+        return address == "local"
+    try:
+        return hp[0] == "localhost" or ipaddress.ip_address(hp[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_reachable(address: str) -> None:
+    """One line, in seconds, where nothing answers at host:port (Ray itself retries for
+    minutes, logging as it goes)."""
+    from pixlocal.errors import PixlocalError
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=5).close()
+    except OSError as e:
+        raise PixlocalError(f"--ray {address}: nothing answers there ({e.strerror or e}); "
+                            "is `ray start --head` running on that machine?") from None
+
+
 def import_ray(local: bool) -> Any:
     """The ray module, or one line saying how to install it. A local instance is kept on the
     loopback interface: Ray then takes 127.0.0.1 as the node's address and binds its servers
@@ -144,7 +177,7 @@ def run_ray(address: str | None, workers: int | None, gpus_per_worker: float | N
             prompt: str, system: str | None, skipped: int, gen: dict[str, Any]) -> None:
     from pixlocal.errors import PixlocalError
     from pixlocal.host import usable_cores
-    ray = import_ray(local=address is None)
+    ray = import_ray(local=address is None or on_loopback(address))
     started = not ray.is_initialized()
     if started:
         kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
@@ -155,8 +188,9 @@ def run_ray(address: str | None, workers: int | None, gpus_per_worker: float | N
                 if address is None:
                     ray.init(address="local", num_cpus=usable_cores(), **kw)
                 else:
+                    check_reachable(address)
                     ray.init(address=address, **kw)
-            except (ConnectionError, RuntimeError, ValueError) as e:
+            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
                 raise PixlocalError(f"--ray {address or ''}: cannot start or join Ray "
                                     f"({' '.join(str(e).split())[:300]})") from None
     slots: list[Slot] = []

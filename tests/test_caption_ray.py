@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -212,6 +213,11 @@ def test_ray_options_fail_in_one_line(tmp_path, monkeypatch):
     # a bare --ray takes no folder as its address: the folder is one of the inputs
     code, line = usage("--ray", str(tmp_path / "nope"), str(pics))
     assert code == 2 and "nope: no such file or directory" in line
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    code, line = usage(str(pics), "--ray", f"127.0.0.1:{port}")
+    assert code == 1 and "nothing answers there" in line and "ray start --head" in line
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     code, line = usage(str(pics), "--ray", "--workers", "2")
     assert code == 1 and "pip install 'pixlocal[ray]'" in line
