@@ -507,7 +507,7 @@ def caption(
         raise typer.BadParameter("--workers and --gpus-per-worker go with --ray",
                                  param_hint="--workers")
     if ray is not None:
-        from .caption_ray import check_address, import_ray, on_loopback
+        from .caption_ray import check_address, check_reachable, import_ray, on_loopback
         check_address(ray)
     if fmt not in ("jsonl", "csv", "txt"):
         raise typer.BadParameter(f"{fmt!r} is not one of jsonl, csv, txt", param_hint="--format")
@@ -521,6 +521,7 @@ def caption(
         from pixlocal.errors import PixlocalError
         if ray is not None:
             import_ray(local=on_loopback(ray))  # one line saying how to install it, up front
+            check_reachable(ray)  # and one where nothing answers at ADDRESS
         files = collect_keyed(inputs, glob, skip_txt=fmt == "txt")
         if not files:
             where = ", ".join(str(p) for p in inputs)

@@ -188,7 +188,6 @@ def run_ray(address: str | None, workers: int | None, gpus_per_worker: float | N
                 if address is None:
                     ray.init(address="local", num_cpus=usable_cores(), **kw)
                 else:
-                    check_reachable(address)
                     ray.init(address=address, **kw)
             except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
                 raise PixlocalError(f"--ray {address or ''}: cannot start or join Ray "
