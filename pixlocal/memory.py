@@ -105,7 +105,8 @@ def activation_bytes(args: PixtralArgs, context_len: int, image_patches: int,
                      itemsize: int = 2) -> tuple[int, int]:
     """(vision, decoder) activation peaks: the largest image through the encoder + adapter
     (images go through one at a time); a prefill chunk (`prefill_chunk` tokens) through one
-    decoder layer + the head."""
+    decoder layer + the head, and the keys and values of the whole context repeated to every
+    query head (the CUDA attention of a chunk after a cached prefix: cuda_attn.py)."""
     tile = 2 * TILE_ELEMS * 4
     vis = 0
     v = args.vision_encoder
@@ -116,5 +117,5 @@ def activation_bytes(args: PixtralArgs, context_len: int, image_patches: int,
     L = prefill_chunk(context_len, image_patches)
     D, F = args.dim, args.hidden_dim
     dec = L * (3 * F * itemsize + F * 4 + 4 * D * 4 + args.n_heads * args.head_dim * 4) \
-        + args.vocab_size * 4 + tile
+        + args.vocab_size * 4 + tile + 2 * args.n_heads * context_len * args.head_dim * itemsize
     return vis, dec

@@ -55,10 +55,10 @@ def test_kv_activation_and_params_pinned():
     # one token's KV over every layer is the per-layer figure for one token, times layers
     assert memory.kv_bytes_per_token(A12) == A12.n_layers * memory.kv_bytes_per_layer(A12, 1)
     assert memory.image_tokens(A12) == 4096 and memory.image_tokens(A12, 512) == 1024
-    assert memory.activation_bytes(A12, 32768, 4096) == (478150656, 1263796224)
-    assert memory.activation_bytes(A12, 4096, 1024, 4) == (264241152, 648544256)
-    assert memory.activation_bytes(A12, 100, 0) == (0, 158908416)
-    assert memory.activation_bytes(TINY, 32768, 4096) == (139329536, 145805312)
+    assert memory.activation_bytes(A12, 32768, 4096) == (478150656, 1800667136)
+    assert memory.activation_bytes(A12, 4096, 1024, 4) == (264241152, 782761984)
+    assert memory.activation_bytes(A12, 100, 0) == (0, 160546816)
+    assert memory.activation_bytes(TINY, 32768, 4096) == (139329536, 158388224)
     assert memory.param_counts(A12) == {"decoder": 12247782400, "vision": 434957312}
     assert memory.param_counts(TINY) == {"decoder": 16851264, "vision": 39648}
 
@@ -68,15 +68,15 @@ PLANS = {  # free VRAM → (describe_plan(), gpu_bytes, cpu_bytes), 12B int4-g32
            ", one decoder layer 0.14 GiB\nno CUDA device: everything on the CPU (12.85 GiB of "
            "weights + KV cache)", 0, 13799686144),
     8 << 30: ("context 32768 tokens, largest image 4096 patches; KV cache 5.00 GiB (0.12 GiB/"
-              "layer), one decoder layer 0.16 GiB\nGPU: 18/40 decoder layers (22-39) + vision; "
-              "weights 3.67 GiB + KV 2.25 GiB + activations 1.18 GiB = 7.09 GiB of 7.35 GiB "
-              "usable (8.00 GiB free, margin 0.65 GiB)\nCPU: 22 decoder layers + embeddings, "
-              "output; 7.22 GiB of weights + KV cache", 7617083392, 7753107456),
+              "layer), one decoder layer 0.16 GiB\nGPU: 17/40 decoder layers (23-39) + vision; "
+              "weights 3.51 GiB + KV 2.12 GiB + activations 1.68 GiB = 7.31 GiB of 7.35 GiB "
+              "usable (8.00 GiB free, margin 0.65 GiB)\nCPU: 23 decoder layers + embeddings, "
+              "output; 7.49 GiB of weights + KV cache", 7849322496, 8040699904),
     24 << 30: ("context 32768 tokens, largest image 4096 patches; KV cache 5.00 GiB (0.12 GiB/"
                "layer), one decoder layer 0.16 GiB\nGPU: 40/40 decoder layers (0-39) + vision, "
-               "output; weights 7.82 GiB + KV 5.00 GiB + activations 1.18 GiB = 14.00 GiB of "
+               "output; weights 7.82 GiB + KV 5.00 GiB + activations 1.68 GiB = 14.50 GiB of "
                "22.55 GiB usable (24.00 GiB free, margin 1.45 GiB)\nCPU: 0 decoder layers + "
-               "embeddings; 0.66 GiB of weights + KV cache", 15032025088, 713031680),
+               "embeddings; 0.66 GiB of weights + KV cache", 15568896000, 713031680),
 }
 
 

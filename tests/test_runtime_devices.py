@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import pixlocal
-from pixlocal import generate
+from pixlocal import promptcache
+from pixlocal.kernels import backend
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def test_prefill_time_waits_for_the_device(fresh, monkeypatch):
         time.sleep(0.25)  # the queued prefill kernels finishing
         synced.append(time.perf_counter())
 
-    monkeypatch.setattr(generate, "is_gpu", lambda d: True)
+    monkeypatch.setattr(backend, "is_gpu", lambda d: True)
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     steps = list(fresh.stream([{"role": "user", "content": "hi"}], max_tokens=2))
     assert synced
@@ -37,8 +38,7 @@ def test_prefill_time_waits_for_the_device(fresh, monkeypatch):
 
 def test_gpu_kv_cache_takes_its_planned_size(fresh, monkeypatch):
     """Growing a GPU cache by doubling would hold old and new buffers at once (unplanned)."""
-    monkeypatch.setattr(generate, "is_gpu", lambda d: True)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(promptcache, "is_gpu", lambda d: True)
     fresh.generate([{"role": "user", "content": "hi"}], max_tokens=3)
     assert fresh.cache.kv is not None
     assert fresh.cache.kv.capacity == fresh.context_limit
