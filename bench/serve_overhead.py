@@ -168,13 +168,21 @@ def main() -> None:
            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True, cwd=Path(__file__).parent).stdout.strip(),
            "torch": __import__("torch").__version__, "rows": rows}
+    def paired(key: str) -> float:  # the same round's two runs: robust to a drifting load
+        by = {(r["round"], r["side"]): r[key] for r in rows}
+        return statistics.median(by[i, "B"] / by[i, "A"] for i in range(a.rounds))
+
     for key in ("ttft_s", "tok_s"):
         a_, b_ = med("A", key), med("B", key)
-        out[key] = {"in_process": a_, "server": b_, "server_over_in_process": b_ / a_}
-    print(f"median TTFT: in-process {out['ttft_s']['in_process']:.3f} s, server "
-          f"{out['ttft_s']['server']:.3f} s (x{out['ttft_s']['server_over_in_process']:.3f})")
-    print(f"median decode: in-process {out['tok_s']['in_process']:.2f} tok/s, server "
-          f"{out['tok_s']['server']:.2f} tok/s (x{out['tok_s']['server_over_in_process']:.3f})")
+        out[key] = {"in_process": a_, "server": b_, "server_over_in_process": b_ / a_,
+                    "paired_median_ratio": paired(key)}
+    t, d = out["ttft_s"], out["tok_s"]
+    print(f"median TTFT: in-process {t['in_process']:.3f} s, server {t['server']:.3f} s "
+          f"(x{t['server_over_in_process']:.3f}; per round, median "
+          f"x{t['paired_median_ratio']:.3f})")
+    print(f"median decode: in-process {d['in_process']:.2f} tok/s, server {d['server']:.2f} "
+          f"tok/s (x{d['server_over_in_process']:.3f}; per round, median "
+          f"x{d['paired_median_ratio']:.3f})")
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
 
