@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .caption import CSV_FIELDS, collect, read_records
+from .caption_core import CSV_FIELDS, collect, read_records
 from .common import err, error_line, user_errors
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}

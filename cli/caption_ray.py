@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .caption import (
+from .caption_core import (
     RAY_ADDRESS,
     Captioner,
     Sink,

@@ -50,7 +50,7 @@ from .kernels.backend import (
 from .layers import FeedForward
 from .memory import checkpoint_bytes, image_tokens
 from .model import Attention, PixtralModel
-from .placement import GpuLayers, Plan, insert_boundaries, part_of, plan
+from .placement import GPU, GpuLayers, Plan, insert_boundaries, part_of, plan
 from .qembedding import QEmbedding
 from .qformat import SUFFIXES
 from .qlinear import QLinear, fuse
@@ -124,7 +124,7 @@ def load(path: str | Path, device: str | torch.device = "auto",
     ckpt = open_checkpoint(model_dir, args)
     gpu_dev = torch.device(gpu) if gpu is not None else dev
     free = gpu_free if gpu_free is not None else free_vram(dev)
-    gpu_backend = (get(backends["cuda"]) if backends and "cuda" in backends
+    gpu_backend = (get(backends[GPU]) if backends and GPU in backends
                    else for_device(gpu_dev) if free is not None else None)
     p = plan(args, checkpoint_bytes(ckpt, dt), free, min(context_len, args.max_seq_len),
              image_tokens(args, max_image_size), gpu_layers, max_vram, dt.itemsize,

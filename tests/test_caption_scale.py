@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pixlocal.cli.app import app
-from pixlocal.cli.caption import Captioner, _prepare, collect_keyed, in_shard, shard_of
+from pixlocal.cli.caption_core import Captioner, _prepare, collect_keyed, in_shard, shard_of
 from typer.testing import CliRunner
 
 tiny_registry = cli_fixtures.tiny_registry  # a fixture
