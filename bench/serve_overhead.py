@@ -4,7 +4,7 @@ same model in this process, taking the path `pixlocal ask` takes (load_image →
 Pixtral.stream_encoded), A/B alternating, medians and ratios. Never run by CI.
 
     python bench/serve_overhead.py -m /work/big/nemo8-q4 --image examples/photo.jpg \\
-        --rounds 5 --max-tokens 64 [--json out.json]
+        --rounds 10 --max-tokens 48 [--threads 2] [--json out.json]
 
 Both sides count from before the image is decoded (the server's side also has the HTTP
 request, JSON and base64; the data URI is made once, outside the clock, as a client holds its
@@ -126,18 +126,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, help="fix the CPU threads on both sides (default: "
+                    "each side's thread policy, which on a shared machine picks per request)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     a = ap.parse_args()
 
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_overhead.{os.getpid()}.log"
-    proc, port = start_server(a.model, ["--dtype", a.dtype], log)
+    threads = ["--threads", str(a.threads)] if a.threads else []
+    proc, port = start_server(a.model, ["--dtype", a.dtype, *threads], log)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/v1/models")
         MODEL_ID = json.loads(conn.getresponse().read())["data"][0]["id"]
         conn.close()
         t0 = time.perf_counter()
-        m = pixlocal.load(a.model, dtype=a.dtype)
+        m = pixlocal.load(a.model, dtype=a.dtype, threads=a.threads)
         compile_kernels(m)
         print(f"loaded in-process in {time.perf_counter() - t0:.1f} s; server on port {port}",
               file=sys.stderr)
@@ -165,6 +168,7 @@ def main() -> None:
         return statistics.median(r[key] for r in rows if r["side"] == side)
 
     out = {"model": a.model, "image": a.image, "rounds": a.rounds, "max_tokens": a.max_tokens,
+           "threads": a.threads,
            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True, cwd=Path(__file__).parent).stdout.strip(),
            "torch": __import__("torch").__version__, "rows": rows}
