@@ -37,7 +37,7 @@ from .common import (
     user_errors,
 )
 
-INSTALL = "pip install 'pixlocal[serve]'"
+INSTALL = "pip install 'starlette>=0.37' 'uvicorn>=0.29'"
 
 
 def serve(
@@ -77,7 +77,7 @@ def serve(
         import starlette  # noqa: F401
         import uvicorn
     except ImportError as e:
-        error_line(f"pixlocal serve needs {e.name}: {INSTALL}")
+        error_line(f"pixlocal serve needs {e.name}, one of pixlocal's dependencies: {INSTALL}")
         raise typer.Exit(1) from None
     from . import openai_api as api
     from .registry import resolve

@@ -557,12 +557,13 @@ def test_full_queue_answers_503_with_retry_after(server, sample_png):
 
 # ---- the command ----------------------------------------------------------------------------
 
-def test_without_the_server_extra_it_says_how_to_install(tiny_registry, monkeypatch):
+def test_without_uvicorn_it_says_how_to_install(tiny_registry, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     r = CliRunner().invoke(app, ["serve", "-m", "tiny"])
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
-        "error: pixlocal serve needs uvicorn: pip install 'pixlocal[serve]'"]
+        "error: pixlocal serve needs uvicorn, one of pixlocal's dependencies: "
+        "pip install 'starlette>=0.37' 'uvicorn>=0.29'"]
 
 
 def test_bad_model_or_busy_port_is_one_line_before_loading(tiny_registry):
