@@ -65,10 +65,10 @@ class Backend:
         return out
 
     def weight_bytes(self, p: Any) -> int:
-        """Bytes of weight memory one qmatmul reads for the prepared weight `p`."""
-        f = getattr(self.k, "weight_bytes", None)
-        if f is not None:
-            return int(f(p))
+        """Bytes of weight memory one qmatmul reads for the prepared weight `p`: cpu's CpuQ
+        says it (interleaved blocks); a QTensor (stored, or cuda's tinygemm packing with its
+        scale/zero pairs) is its three tensors (the CPU twin's extra copy of the values and
+        the shared block permutation are not read per call)."""
         n = getattr(p, "nbytes", None)  # cpu's CpuQ
         if isinstance(n, int):
             return n

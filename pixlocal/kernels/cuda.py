@@ -264,14 +264,6 @@ def prepare(q: QTensor) -> QTensor:
     return TinyGemmQTensor(packed, pairs, None, q.shape, q.spec, ikt, None, values)
 
 
-def weight_bytes(p: QTensor) -> int:
-    """Bytes of weight memory one matmul reads for a prepared weight: the packed weight and
-    its scale/zero pairs, or the stored tensors (the CPU twin's extra copy of the values and
-    the shared block permutation are not read per call)."""
-    ts = (p.qweight, p.scales, p.zeros)
-    return sum(t.numel() * t.element_size() for t in ts if t is not None)
-
-
 def packed_values(q: TinyGemmQTensor, r0: int, r1: int) -> torch.Tensor:
     """int values (r1 - r0, K) of rows r0..r1 (multiples of 8) of a prepared weight."""
     if q.values is not None:

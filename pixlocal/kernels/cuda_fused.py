@@ -94,7 +94,7 @@ def available(device: torch.device) -> bool:
     """Whether the cuda backend runs this kernel on `device`: Triton installed and the device
     a GPU (CUDA or ROCm). On the CPU the backend's twins keep the dequantize path, even under
     the interpreter (which would run the whole test suite's twins at numpy speed); tests that
-    want the kernel there call `qmm` or stub this."""
+    want the kernel there call `qmm` directly or patch this function."""
     return triton is not None and device.type == "cuda"
 
 
